@@ -1,0 +1,93 @@
+"""The Celery application: `celery -A mikrom.celery_app worker|beat|flower|inspect|control|purge|events`.
+
+Configuration is written here once. The operator only sends tasks by name; the worker process loads
+`mikrom.worker.tasks` (the `include` below), so importing this module never imports the worker.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+from kombu.common import Broadcast
+
+from . import names
+from .settings import Settings
+
+settings = Settings.from_env()
+
+app = Celery("mikrom", include=["mikrom.worker.tasks"])
+celery_app = app  # the original guide's name for it
+
+
+def route_task(name, args, kwargs, options, task=None, **kw):
+    """VM tasks go to the queue of the node named in `node`; beat's status sync is broadcast."""
+    if name in names.VM_TASKS and kwargs and kwargs.get("node"):
+        return {"queue": names.node_queue(kwargs["node"]), "routing_key": names.node_queue(kwargs["node"])}
+    if name == names.SYNC_VM_STATUS:
+        return {"queue": names.BROADCAST_QUEUE, "exchange": names.BROADCAST_QUEUE}
+    return {"queue": names.DEFAULT_QUEUE, "routing_key": names.DEFAULT_QUEUE}
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Apply `settings` to `app` (tests call it again with their own Redis)."""
+    app.conf.update(
+        broker_url=settings.broker,
+        result_backend=settings.backend,
+        # JSON only: a forged pickle in Redis must not run code
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # a task is acknowledged after it ran; a worker killed mid-task gets it redelivered
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_track_started=True,
+        task_time_limit=settings.task_time_limit,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        result_expires=settings.result_expires_seconds,
+        result_extended=True,
+        # Redis redelivers unacknowledged messages after this; it must outlast the hard time limit
+        broker_transport_options={
+            "visibility_timeout": max(3600, settings.task_time_limit * 2),
+            "socket_timeout": settings.redis_timeout_seconds,
+            "socket_connect_timeout": settings.redis_timeout_seconds,
+        },
+        result_backend_transport_options={"retry_policy": {"timeout": settings.redis_timeout_seconds}},
+        redis_socket_timeout=settings.redis_timeout_seconds,
+        redis_socket_connect_timeout=settings.redis_timeout_seconds,
+        redis_retry_on_timeout=True,
+        broker_connection_timeout=settings.redis_timeout_seconds,
+        broker_connection_retry_on_startup=True,
+        broker_heartbeat=0,
+        task_default_queue=names.DEFAULT_QUEUE,
+        task_default_exchange=names.DEFAULT_QUEUE,
+        task_default_routing_key=names.DEFAULT_QUEUE,
+        task_queues=(
+            Queue(names.DEFAULT_QUEUE, Exchange(names.DEFAULT_QUEUE, type="direct"), routing_key=names.DEFAULT_QUEUE),
+            Broadcast(names.BROADCAST_QUEUE),
+        ),
+        task_create_missing_queues=True,
+        task_routes=(route_task,),
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        enable_utc=True,
+        beat_schedule=beat_schedule(settings),
+    )
+
+
+def beat_schedule(settings: Settings) -> dict:
+    """The original guide's schedule; status sync every 30 s by default (DESIGN.md section 6)."""
+    from celery.schedules import crontab
+
+    return {
+        "cleanup-old-vms": {"task": names.CLEANUP_OLD_VMS, "schedule": crontab(hour=2, minute=0)},
+        "health-check": {"task": names.HEALTH_CHECK, "schedule": crontab(minute=0)},
+        "sync-status": {"task": names.SYNC_VM_STATUS, "schedule": settings.sync_interval_seconds},
+        "weekly-report": {"task": names.GENERATE_REPORT, "schedule": crontab(hour=9, minute=0, day_of_week="1-5")},
+    }
+
+
+configure(app, settings)

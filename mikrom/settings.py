@@ -1,0 +1,128 @@
+"""Settings, read from the environment (`MIKROM_*`), each declared once with its default.
+
+Defaults follow DESIGN.md. `Settings.from_env()` builds the whole object; the operator and the
+worker read only the parts they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field, fields
+
+
+def _env_name(name: str) -> str:
+    return "MIKROM_" + name.upper()
+
+
+def _coerce(raw: str, kind: type):
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. Each field's environment variable is MIKROM_<FIELD> in capitals."""
+
+    broker_url: str = "redis://localhost:6379/0"
+    """Redis URL of the Celery broker (password inside the URL, or `redis_password`)."""
+    result_backend: str = ""
+    """Celery result backend; empty: the broker URL."""
+    redis_password: str = ""
+    """Password added to `broker_url`/`result_backend` when they carry none (from a Secret)."""
+    redis_timeout_seconds: float = 5.0
+    """Socket and connect timeout for every Redis call."""
+
+    task_time_limit: int = 300
+    """Hard time limit of a task, seconds (the original guide's default)."""
+    task_soft_time_limit: int = 280
+    """Soft time limit of a task, seconds (the original guide's default)."""
+    result_expires_seconds: int = 86400
+    """How long task results stay in Redis."""
+    sync_interval_seconds: float = 30.0
+    """Period of `sync_vm_status` (broadcast to every node)."""
+
+    # operator
+    namespace: str = ""
+    """Watch only this namespace for MicroVMs; empty: all namespaces."""
+    node_lost_after_seconds: float = 40.0
+    """A node whose heartbeat is older than this is NotReady and its VMs Unknown."""
+    self_fence_after_seconds: float = 60.0
+    """A worker that cannot heartbeat for this long stops its own VMs."""
+    progress_timeout_seconds: float = 120.0
+    """A VM in a transitional phase with no worker progress this long is re-dispatched."""
+    max_dispatch_attempts: int = 4
+    """Dispatches of one intent before the VM is marked Failed (reason NoProgress)."""
+    dispatch_backoff_seconds: float = 5.0
+    """First delay between re-dispatches; doubles each time, with jitter."""
+    delete_wait_seconds: float = 60.0
+    """How long a delete waits for the worker before a lost node or force-delete removes the finalizer."""
+    reconcile_interval_seconds: float = 10.0
+    """Period of the operator's level-triggered check of each MicroVM and MicroVMNode."""
+    default_pool_block_size: int = 26
+    """Block size when an IPPool names none."""
+
+    # worker
+    node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname())
+    """Name of this node's MicroVMNode (NODE_NAME from the downward API)."""
+    state_dir: str = "/var/lib/mikrom"
+    """Where VM state lives (`vms/<uid>/`) and the image cache (`images/`)."""
+    image_dir: str = "/var/lib/mikrom/images"
+    """Image `path`s are relative to this directory and may not leave it."""
+    heartbeat_seconds: float = 10.0
+    """How often the worker renews its MicroVMNode heartbeat."""
+    capacity_vcpus: int = 0
+    """vCPUs offered to VMs; 0: the host's CPU count."""
+    capacity_memory_mib: int = 0
+    """Memory offered to VMs in MiB; 0: 90% of the host's memory."""
+    default_vmm: str = ""
+    """VMM used when a MicroVM names none; empty: firecracker when usable, else qemu."""
+    boot_timeout_seconds: float = 60.0
+    """How long a VM may take to print its ready signal."""
+    stop_timeout_seconds: float = 15.0
+    """How long a graceful stop may take before the VMM is killed."""
+    image_max_bytes: int = 4 << 30
+    """Largest image a URL may download."""
+    image_download_timeout_seconds: float = 600.0
+    """Timeout of one image download."""
+    console_max_bytes: int = 1 << 20
+    """Size cap of each VM's console log."""
+    bridge: str = "mikrombr0"
+    """Name of the node's bridge."""
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(_env_name(f.name))
+            if raw is not None and raw != "":
+                kind = f.type if isinstance(f.type, type) else {"str": str, "int": int, "float": float,
+                                                                   "bool": bool}[str(f.type)]
+                values[f.name] = _coerce(raw, kind)
+        return cls(**values)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def broker(self) -> str:
+        return _with_password(self.broker_url, self.redis_password)
+
+    @property
+    def backend(self) -> str:
+        return _with_password(self.result_backend or self.broker_url, self.redis_password)
+
+
+def _with_password(url: str, password: str) -> str:
+    if not password or "@" in url.split("//", 1)[-1].split("/", 1)[0]:
+        return url
+    scheme, rest = url.split("//", 1)
+    from urllib.parse import quote
+    return f"{scheme}//:{quote(password, safe='')}@{rest}"

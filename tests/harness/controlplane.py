@@ -1,0 +1,158 @@
+"""A real Kubernetes control plane on loopback: kine (SQLite) or etcd, and kube-apiserver with
+RBAC authorization, service-account token signing and an admin client certificate."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import binaries, procs
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: Path) -> None:
+    """A CA, an admin client certificate (group system:masters) and the service-account keys."""
+    d.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-days", "3650", "-subj", "/CN=mikrom-test-ca", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "admin.key", "-out", "admin.csr",
+             "-subj", "/O=system:masters/CN=mikrom-admin", cwd=d)
+    _openssl("x509", "-req", "-in", "admin.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "admin.crt", "-days", "3650", cwd=d)
+    _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
+
+
+@dataclass
+class ControlPlane:
+    workdir: Path
+    kubeconfig: Path
+    server: str
+    processes: list
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60,
+                as_user: str | None = None) -> subprocess.CompletedProcess:
+        argv = [str(binaries.require("kubectl")), "--kubeconfig", str(self.kubeconfig), "--request-timeout=30s"]
+        if as_user:
+            argv.append(f"--as={as_user}")
+        res = subprocess.run(argv + list(args), input=input, capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({res.returncode}): {res.stderr}{res.stdout}")
+        return res
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()
+
+
+def _kubeconfig(path: Path, server: str, pki: Path, ca: Path | None = None) -> None:
+    def b64(name: str) -> str:
+        return base64.b64encode((pki / name).read_bytes()).decode()
+
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "mikrom-test", "cluster": (
+            {"server": server, "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode()} if ca
+            else {"server": server, "insecure-skip-tls-verify": True})}],
+        "users": [{"name": "admin", "user": {"client-certificate-data": b64("admin.crt"),
+                                             "client-key-data": b64("admin.key")}}],
+        "contexts": [{"name": "mikrom-test", "context": {"cluster": "mikrom-test", "user": "admin"}}],
+        "current-context": "mikrom-test",
+    }
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def start(workdir: Path) -> ControlPlane:
+    workdir.mkdir(parents=True, exist_ok=True)
+    pki = workdir / "pki"
+    make_pki(pki)
+    logs = workdir / "logs"
+    started = []
+    try:
+        store_port = procs.free_port()
+        etcd = binaries.find("etcd", build=False) if _wants_etcd() else None
+        if etcd:
+            peer = procs.free_port()
+            store = procs.start("etcd", [str(etcd), "--data-dir", str(workdir / "etcd"),
+                                         "--listen-client-urls", f"http://127.0.0.1:{store_port}",
+                                         "--advertise-client-urls", f"http://127.0.0.1:{store_port}",
+                                         "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                                         "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                                         "--initial-cluster", f"default=http://127.0.0.1:{peer}",
+                                         "--unsafe-no-fsync"], logs)
+        else:
+            store = procs.start("kine", [str(binaries.require("kine")),
+                                         "--listen-address", f"127.0.0.1:{store_port}",
+                                         "--metrics-bind-address", "0",
+                                         "--endpoint", f"sqlite://{workdir}/state.db?_journal=WAL&cache=shared&_busy_timeout=30000"],
+                                logs)
+        started.append(store)
+        procs.wait_port(store_port, 60, store)
+
+        port = procs.free_port()
+        certs = workdir / "serving"
+        apiserver = procs.start("kube-apiserver", [
+            str(binaries.require("kube-apiserver")),
+            f"--etcd-servers=http://127.0.0.1:{store_port}",
+            f"--cert-dir={certs}",
+            f"--secure-port={port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            "--authorization-mode=RBAC",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+            "--disable-admission-plugins=ServiceAccount",
+            "--enable-priority-and-fairness=false",
+            "--profiling=false",
+            "--v=1",
+        ], logs)
+        started.append(apiserver)
+        server = f"https://127.0.0.1:{port}"
+        kubeconfig = workdir / "kubeconfig"
+        _kubeconfig(kubeconfig, server, pki)
+        cp = ControlPlane(workdir=workdir, kubeconfig=kubeconfig, server=server, processes=started)
+        _wait_ready(cp, apiserver, timeout=120)
+        # kube-apiserver made its own serving certificate (for 127.0.0.1 and localhost): trust it
+        # from now on instead of skipping verification
+        _kubeconfig(kubeconfig, server, pki, ca=certs / "apiserver.crt")
+        cp.kubectl("get", "--raw", "/readyz")
+        return cp
+    except BaseException:
+        for p in reversed(started):
+            p.stop()
+        raise
+
+
+def _wants_etcd() -> bool:
+    import os
+    return bool(os.environ.get("TEST_ASSET_ETCD") or (os.environ.get("KUBEBUILDER_ASSETS") and
+                                                       Path(os.environ["KUBEBUILDER_ASSETS"], "etcd").is_file()))
+
+
+def _wait_ready(cp: ControlPlane, proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"kube-apiserver exited:\n{proc.tail()}")
+        res = cp.kubectl("get", "--raw", "/readyz", check=False, timeout=30)
+        if res.returncode == 0 and res.stdout.strip() == "ok":
+            # the RBAC bootstrap roles must exist before tests bind to them
+            if cp.kubectl("get", "clusterrole", "view", check=False).returncode == 0:
+                return
+        last = res.stderr or res.stdout
+        time.sleep(0.5)
+    raise TimeoutError(f"kube-apiserver not ready in {timeout}s: {last}\n{proc.tail()}")
