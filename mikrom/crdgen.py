@@ -48,7 +48,9 @@ def _resolve(node: Any, defs: dict, in_status: bool) -> Any:
             status_here = in_status
             out["properties"] = {k: _resolve(v, defs, status_here or k == "status") for k, v in value.items()}
         elif key in ("items", "additionalProperties"):
-            if value is True:
+            # extra="forbid" gives additionalProperties: false, which a structural schema expresses
+            # by pruning (and which it forbids beside properties)
+            if isinstance(value, bool):
                 continue
             out[key] = _resolve(value, defs, in_status)
         elif key == "default":

@@ -51,7 +51,7 @@ class ImageSource(Model):
     url: Optional[str] = Field(None, pattern=r"^(https?|file)://.+$", max_length=2048,
                                description="Where to download the file from; requires sha256.")
     sha256: Optional[str] = Field(None, pattern=SHA256, description="Hex SHA-256 digest the download must match.")
-    path: Optional[str] = Field(None, min_length=1, max_length=1024,
+    path: Optional[str] = Field(None, min_length=1, max_length=255,
                                 description="A file relative to the node's image directory (no absolute paths, no '..').",
                                 json_schema_extra={"x_validations": [
                                     cel("!self.startsWith('/')", "must be relative to the node's image directory"),
@@ -148,7 +148,7 @@ class Resources(Model):
 
 class MicroVMNodeSpec(Model):
     schedulable: bool = Field(True, description="False cordons the node: no new VMs are placed on it.")
-    cidr: Optional[str] = Field(None, pattern=IPV4_CIDR, description="The node's address block, carved from an IPPool by the operator.",
+    cidr: Optional[str] = Field(None, pattern=IPV4_CIDR, max_length=18, description="The node's address block, carved from an IPPool by the operator.",
                                 json_schema_extra={"x_validations": [immutable("spec.cidr")]})
     pool: Optional[str] = Field(None, description="The IPPool the block comes from.")
 
@@ -183,7 +183,7 @@ class MicroVMNode(Model):
 # --------------------------------------------------------------------------------- IPPool
 
 class IPPoolSpec(Model):
-    cidr: str = Field(pattern=IPV4_CIDR, description="The pool's address range.",
+    cidr: str = Field(pattern=IPV4_CIDR, max_length=18, description="The pool's address range.",
                       json_schema_extra={"x_validations": [immutable("spec.cidr")]})
     blockSize: int = Field(26, ge=16, le=30, description="Prefix length of each node's block.",
                            json_schema_extra={"x_validations": [immutable("spec.blockSize")]})
