@@ -6,6 +6,8 @@ Configuration is written here once. The operator only sends tasks by name; the w
 
 from __future__ import annotations
 
+import sys
+
 from celery import Celery
 from kombu import Exchange, Queue
 from kombu.common import Broadcast
@@ -91,3 +93,8 @@ def beat_schedule(settings: Settings) -> dict:
 
 
 configure(app, settings)
+
+if "flower" in sys.argv[1:]:  # `celery -A mikrom.celery_app flower ...`: the guide's options
+    from . import flower_compat
+
+    flower_compat.install()

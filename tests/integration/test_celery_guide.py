@@ -1,0 +1,83 @@
+"""The original Mikrom guide's Celery commands keep working: beat with its schedule, Flower with
+its options behind basic auth, purge."""
+
+import base64
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from harness import procs
+
+CELERY = [sys.executable, "-m", "celery", "-A", "mikrom.celery_app"]
+
+
+def _env(redis, **extra):
+    env = dict(os.environ)
+    env.update(MIKROM_BROKER_URL=redis.url(db=3), **extra)
+    return env
+
+
+def test_beat_sends_the_guides_schedule(redis, tmp_path):
+    env = _env(redis, MIKROM_SYNC_INTERVAL_SECONDS="1")
+    beat = procs.start("celery-beat", CELERY + ["beat", "--loglevel=info", "-s", str(tmp_path / "schedule")],
+                       tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and beat.tail(200).count("Sending due task sync-status") < 2:
+            assert beat.alive(), beat.tail()
+            time.sleep(0.5)
+        log = beat.tail(200)
+        assert log.count("Sending due task sync-status (mikrom.worker.tasks.sync_vm_status)") >= 2, log
+    finally:
+        beat.stop()
+
+
+def _get(url, auth=None):
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_flower_runs_with_the_guides_options_behind_basic_auth(redis, tmp_path):
+    port = procs.free_port()
+    flower = procs.start("flower", CELERY + [
+        "flower", f"--port={port}", "--address=127.0.0.1", "--basic_auth=admin:password,ops:s3cret",
+        "--url_prefix=flower", "--max_tasks=10000", "--persistent=True", f"--db={tmp_path / 'flower.db'}",
+        f"--broker_api={redis.url(db=3)}",
+    ], tmp_path, env=_env(redis))
+    try:
+        procs.wait_port(port, 60, flower)
+        assert _get(f"http://127.0.0.1:{port}/flower/api/workers")[0] == 401
+        assert _get(f"http://127.0.0.1:{port}/flower/api/workers", "admin:wrong")[0] == 401
+        status, body = _get(f"http://127.0.0.1:{port}/flower/api/workers", "ops:s3cret")
+        assert status == 200, body
+        assert _get(f"http://127.0.0.1:{port}/flower/", "admin:password")[0] == 200
+    finally:
+        flower.stop()
+
+
+def test_purge_without_confirmation_empties_the_default_queue(redis):
+    from mikrom import broker
+
+    r = broker.client(redis.url(db=3))
+    r.delete("mikrom")
+    env = _env(redis)
+    send = ("from mikrom.celery_app import app\n"
+            "for i in range(5): app.send_task('mikrom.worker.tasks.health_check', queue='mikrom')\n")
+    subprocess.run([sys.executable, "-c", send], env=env, check=True, timeout=60)
+    assert r.llen("mikrom") == 5
+    res = subprocess.run(CELERY + ["purge", "-f"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "Purged 5 messages" in res.stdout, res.stdout
+    assert r.llen("mikrom") == 0
