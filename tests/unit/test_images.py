@@ -1,0 +1,170 @@
+"""Images: paths stay inside the image directory, downloads are verified, cached once and capped."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import threading
+
+import pytest
+from mikrom.worker import images
+from mikrom.worker.images import ChecksumMismatch, ImageNotFound, ImageRefused, ImageTooLarge
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    d = tmp_path / "images"
+    (d / "kernels").mkdir(parents=True)
+    (d / "kernels" / "vmlinux").write_bytes(b"kernel")
+    return d
+
+
+def test_path_inside_the_image_dir_resolves(image_dir):
+    assert images.resolve_path(image_dir, "kernels/vmlinux") == (image_dir / "kernels" / "vmlinux").resolve()
+
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "../secret", "kernels/../../secret", "kernels/../kernels/vmlinux"])
+def test_absolute_paths_and_dotdot_are_refused_naming_the_field(image_dir, rel):
+    with pytest.raises(ImageRefused) as err:
+        images.resolve_path(image_dir, rel, field="spec.image.kernel.path")
+    assert "spec.image.kernel.path" in str(err.value)
+    assert err.value.reason == "InvalidSpec"
+
+
+def test_symlink_leading_out_of_the_image_dir_is_refused(image_dir, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("no")
+    (image_dir / "kernels" / "escape").symlink_to(secret)
+    (image_dir / "dirlink").symlink_to(tmp_path)
+    with pytest.raises(ImageRefused, match="outside the image directory"):
+        images.resolve_path(image_dir, "kernels/escape", field="spec.image.kernel.path")
+    with pytest.raises(ImageRefused, match="spec.image.rootfs.path"):
+        images.resolve_path(image_dir, "dirlink/secret", field="spec.image.rootfs.path")
+
+
+def test_symlink_staying_inside_the_image_dir_is_accepted(image_dir):
+    (image_dir / "current").symlink_to("kernels/vmlinux")
+    assert images.resolve_path(image_dir, "current") == (image_dir / "kernels" / "vmlinux").resolve()
+
+
+def test_missing_image_is_not_found_and_a_directory_is_refused(image_dir):
+    with pytest.raises(ImageNotFound):
+        images.resolve_path(image_dir, "kernels/none")
+    with pytest.raises(ImageRefused, match="not a regular file"):
+        images.resolve_path(image_dir, "kernels")
+
+
+class _Server:
+    """A real HTTP server on 127.0.0.1 serving files from a directory, counting GETs."""
+
+    def __init__(self, root):
+        self.hits: list[str] = []
+        server_self = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(root), **kw)
+
+            def do_GET(self):
+                server_self.hits.append(self.path)
+                try:
+                    super().do_GET()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up on purpose (size cap)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    data = os.urandom(300_000)
+    (root / "rootfs.ext4").write_bytes(data)
+    server = _Server(root)
+    yield server, data
+    server.close()
+
+
+def _cache_files(cache):
+    return sorted(p.name for p in cache.rglob("*") if p.is_file())
+
+
+def test_download_with_the_right_digest_is_cached_once(served, tmp_path):
+    server, data = served
+    digest = hashlib.sha256(data).hexdigest()
+    cache = tmp_path / "cache"
+    first = images.fetch(server.url("rootfs.ext4"), digest, cache, timeout=10)
+    assert first == cache / "sha256" / digest
+    assert first.read_bytes() == data
+    second = images.fetch(server.url("rootfs.ext4"), digest.upper(), cache, timeout=10)
+    assert second == first
+    assert server.hits == ["/rootfs.ext4"]
+    assert _cache_files(cache) == [digest]
+
+
+def test_wrong_digest_raises_checksum_mismatch_and_leaves_nothing(served, tmp_path):
+    server, _ = served
+    cache = tmp_path / "cache"
+    with pytest.raises(ChecksumMismatch) as err:
+        images.fetch(server.url("rootfs.ext4"), "0" * 64, cache, timeout=10)
+    assert err.value.reason == "ChecksumMismatch"
+    assert _cache_files(cache) == []
+
+
+def test_oversize_download_raises_image_too_large_and_leaves_nothing(served, tmp_path):
+    server, data = served
+    cache = tmp_path / "cache"
+    with pytest.raises(ImageTooLarge) as err:
+        images.fetch(server.url("rootfs.ext4"), hashlib.sha256(data).hexdigest(), cache, timeout=10,
+                     max_bytes=len(data) - 1)
+    assert err.value.reason == "ImageTooLarge"
+    assert _cache_files(cache) == []
+
+
+def test_unreachable_url_raises_image_download_failed(served, tmp_path):
+    server, _ = served
+    with pytest.raises(images.ImageDownloadFailed) as err:
+        images.fetch(server.url("missing"), "1" * 64, tmp_path / "cache", timeout=10)
+    assert err.value.reason == "ImageDownloadFailed"
+
+
+def test_file_urls_are_supported_and_other_schemes_or_bad_digests_refused(tmp_path):
+    src = tmp_path / "kernel"
+    src.write_bytes(b"abc")
+    digest = hashlib.sha256(b"abc").hexdigest()
+    assert images.fetch(src.as_uri(), digest, tmp_path / "cache").read_bytes() == b"abc"
+    with pytest.raises(ImageRefused, match="scheme"):
+        images.fetch("ftp://example.invalid/x", digest, tmp_path / "cache")
+    with pytest.raises(ImageRefused, match="sha256"):
+        images.fetch(src.as_uri(), "abc", tmp_path / "cache")
+
+
+def test_each_vm_gets_its_own_sparse_copy_of_the_rootfs_made_once(tmp_path):
+    src = tmp_path / "base.ext4"
+    with open(src, "wb") as f:
+        f.write(b"head")
+        f.seek(64 << 20)
+        f.write(b"tail")
+    vm_dir = tmp_path / "vms" / "uid-1"
+    copy = images.prepare_rootfs(src, vm_dir)
+    assert copy.read_bytes()[:4] == b"head" and copy.stat().st_size == src.stat().st_size
+    assert copy.stat().st_blocks * 512 < 8 << 20  # the hole stayed a hole
+    copy.write_bytes(b"guest wrote this")
+    assert images.prepare_rootfs(src, vm_dir) == copy
+    assert copy.read_bytes() == b"guest wrote this"  # a restart keeps the VM's disk
+    assert src.read_bytes()[:4] == b"head"
+    assert sorted(p.name for p in vm_dir.iterdir()) == ["rootfs.img"]

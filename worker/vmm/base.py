@@ -1,0 +1,387 @@
+"""The VMM driver interface and what every driver shares: the spec, the state directory, launching
+detached, adopting, waiting for readiness and stopping.
+
+A VM's state directory (`/var/lib/mikrom/vms/<uid>/` on a node) holds everything needed to find,
+stop or start it again without the worker's memory:
+
+  vm.json      driver name, driver settings and the VMSpec: enough to start the VM again
+  pid          the VMM's pid; `running_pid` trusts it only if /proc/<pid>/cmdline names this VM
+  run.json     pids and start time, written by the supervisor (see consolecap.py)
+  ready        when the guest printed the ready marker
+  exit.json    the VMM's exit status, once it exited
+  console.log  the serial console (with console.log.1, capped at `console_max_bytes` together)
+
+Drivers subclass `Driver` and provide `command()` (the VMM's argv), `available()`, and optionally
+`_configure()` (after launch, e.g. Firecracker's API calls) and `_graceful_stop()`.
+
+Every wait here polls with a short `time.sleep` and a deadline, so under gevent's monkey-patching
+nothing blocks the hub for long.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import consolecap
+
+log = logging.getLogger(__name__)
+
+READY_MARKER = "MIKROM-READY"
+"""The line a guest prints on its console when it is up (our test image's /init does)."""
+
+POLL_INTERVAL = 0.05
+LAUNCH_TIMEOUT = 30.0
+
+
+class VMMError(Exception):
+    """Base of VMM errors; `reason` is the CamelCase reason for the MicroVM's conditions."""
+
+    reason = "VMMError"
+
+
+class VMMStartFailed(VMMError):
+    """The VMM could not be launched or configured; nothing is left running."""
+
+    reason = "VMMStartFailed"
+
+
+class BootTimeout(VMMError):
+    """The guest did not print the ready marker in time; the VMM is still running."""
+
+    reason = "BootTimeout"
+
+
+class VMMExited(VMMError):
+    """The VMM process is gone (crash, guest power-off or panic)."""
+
+    reason = "VMMExited"
+
+
+class StopFailed(VMMError):
+    """The VMM survived SIGKILL for longer than expected (uninterruptible sleep)."""
+
+    reason = "StopFailed"
+
+
+@dataclass
+class VMSpec:
+    """What a driver needs to boot one VM. Paths are host paths, already resolved and checked."""
+
+    uid: str
+    name: str
+    vcpus: int
+    memory_mib: int
+    kernel: str
+    initrd: str | None = None
+    rootfs: str | None = None
+    kernel_args: str = ""
+    tap: str | None = None
+    mac: str | None = None
+    state_dir: Path = Path(".")
+    netns: str | None = None
+    """Run the VMM inside this network namespace (`ip netns exec`); the tap must live there."""
+
+    def __post_init__(self):
+        self.state_dir = Path(self.state_dir)
+        if not self.uid:
+            raise ValueError("VMSpec.uid is empty")
+        if self.vcpus < 1 or self.memory_mib < 1:
+            raise ValueError(f"VMSpec needs vcpus >= 1 and memory_mib >= 1, got {self.vcpus}, {self.memory_mib}")
+        if self.tap is not None and len(self.tap) > 15:
+            raise ValueError(f"tap name {self.tap!r} is longer than 15 characters")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["state_dir"] = str(self.state_dir)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VMSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def merge_kernel_args(defaults: list[str], user: str) -> str:
+    """The user's kernel arguments plus each default whose key (the part before `=`) the user did
+    not set, defaults first: the user's `panic=1` wins over a default `panic=-1`, and a repeated
+    `console=` never registers the same console twice."""
+    user_words = user.split()
+    user_keys = {w.split("=", 1)[0] for w in user_words}
+    return " ".join([d for d in defaults if d.split("=", 1)[0] not in user_keys] + user_words)
+
+
+def kvm_status() -> tuple[bool, str]:
+    """Whether /dev/kvm can run stock guest kernels, and why not if it cannot.
+
+    /dev/kvm existing is not enough: `kvm_pvm` (a nested, software layer) exposes /dev/kvm but
+    boots only specially built guest kernels, and a stock kernel hangs under it.
+    """
+    if not os.path.exists("/dev/kvm"):
+        return False, "/dev/kvm does not exist"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not readable and writable by this user"
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        return False, "/dev/kvm is provided by kvm_pvm, which boots only specially built guest kernels"
+    if not (os.path.isdir("/sys/module/kvm_intel") or os.path.isdir("/sys/module/kvm_amd")):
+        return False, "neither kvm_intel nor kvm_amd is loaded"
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return False, f"cannot open /dev/kvm: {exc}"
+    try:
+        version = fcntl.ioctl(fd, 0xAE00)  # KVM_GET_API_VERSION
+    except OSError as exc:
+        return False, f"KVM_GET_API_VERSION failed: {exc}"
+    finally:
+        os.close(fd)
+    if version != 12:
+        return False, f"unexpected KVM API version {version}"
+    return True, "KVM is usable"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    consolecap.write_atomic(str(path), text)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _proc_alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie (a zombie's /proc/<pid>/cmdline is empty anyway)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def running_pid(state_dir: str | os.PathLike) -> int | None:
+    """The pid of the VMM that belongs to this state dir, if it is running.
+
+    The pid file alone could name a recycled pid, so the process must also carry this VM's state
+    directory or uid on its command line (QEMU's QMP socket path, Firecracker's API socket path,
+    or the jailer's `--id`).
+    """
+    state_dir = Path(state_dir)
+    try:
+        pid = int((state_dir / "pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid <= 1 or not _proc_alive(pid):
+        return None
+    cmdline = _cmdline(pid)
+    saved = _read_json(state_dir / "vm.json") or {}
+    uid = saved.get("spec", {}).get("uid")
+    if str(state_dir.resolve()) + "/" in cmdline or (uid and uid in cmdline):
+        return pid
+    return None
+
+
+def console_tail(state_dir: str | os.PathLike, max_bytes: int = 4096) -> str:
+    """The last `max_bytes` of the console (across the rotation), for error messages."""
+    state_dir = Path(state_dir)
+    data = b""
+    for name in ("console.log", "console.log.1"):
+        try:
+            with open(state_dir / name, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                want = max_bytes - len(data)
+                f.seek(max(0, size - want))
+                data = f.read(want) + data
+        except OSError:
+            continue
+        if len(data) >= max_bytes:
+            break
+    return data.decode(errors="replace").replace("\r\n", "\n")
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _proc_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_INTERVAL)
+    return True
+
+
+class Driver:
+    """One VMM flavour. Subclasses set `name` and implement `available()` and `command()`."""
+
+    name = "base"
+
+    def __init__(self, console_max_bytes: int = 1 << 20, ready_marker: str = READY_MARKER):
+        self.console_max_bytes = int(console_max_bytes)
+        self.ready_marker = ready_marker
+
+    # --- for subclasses -------------------------------------------------------------------------
+    def available(self) -> bool:
+        raise NotImplementedError
+
+    def command(self, spec: VMSpec) -> list[str]:
+        """The VMM's argv; must contain the state dir or the uid (see running_pid)."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """Driver settings saved in vm.json so a restart uses the same ones."""
+        return {"console_max_bytes": self.console_max_bytes, "ready_marker": self.ready_marker}
+
+    def _prepare(self, spec: VMSpec) -> None:
+        """Before launch: remove stale sockets and the like."""
+
+    def _configure(self, spec: VMSpec, pid: int) -> None:
+        """After launch: e.g. Firecracker's API calls. Raise to abort the start."""
+
+    def _graceful_stop(self, state_dir: Path, timeout: float) -> None:
+        """Ask the guest to shut down; may raise, the caller then kills."""
+
+    def _cleanup(self, state_dir: Path) -> None:
+        """After the VMM is gone: sockets, jailer leftovers."""
+
+    # --- shared ---------------------------------------------------------------------------------
+    def running_pid(self, state_dir: str | os.PathLike) -> int | None:
+        return running_pid(state_dir)
+
+    def start(self, spec: VMSpec) -> int:
+        """Launch the VMM detached and return its pid; if this VM already runs, return its pid."""
+        state = spec.state_dir = Path(spec.state_dir).resolve()
+        existing = running_pid(state)
+        if existing:
+            return existing
+        for path, what in ((spec.kernel, "kernel"), (spec.initrd, "initrd"), (spec.rootfs, "rootfs")):
+            if path and not os.path.isfile(path):
+                raise VMMStartFailed(f"{what} {path} does not exist")
+        state.mkdir(parents=True, exist_ok=True)
+        write_atomic(state / "vm.json", json.dumps(
+            {"driver": self.name, "driver_config": self.config(), "spec": spec.to_dict()}, indent=2))
+        for stale in ("pid", "run.json", "ready", "exit.json"):
+            (state / stale).unlink(missing_ok=True)
+        self._prepare(spec)
+        argv = self.command(spec)
+        launcher = [sys.executable, "-I", consolecap.__file__, "--state-dir", str(state),
+                    "--max-bytes", str(self.console_max_bytes), "--ready-marker", self.ready_marker,
+                    "--", *argv]
+        try:
+            res = subprocess.run(launcher, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=LAUNCH_TIMEOUT, start_new_session=True, cwd=state)
+        except subprocess.TimeoutExpired as exc:
+            raise VMMStartFailed(f"launching {argv[0]} took longer than {LAUNCH_TIMEOUT}s") from exc
+        try:
+            report = json.loads(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            report = {"error": f"launcher exited {res.returncode}: {res.stderr.strip()[-2000:]}"}
+        if "pid" not in report:
+            raise VMMStartFailed(report.get("error", "unknown launch failure"))
+        pid = int(report["pid"])
+        try:
+            self._configure(spec, pid)
+        except BaseException as exc:
+            self._kill(state, pid)
+            if isinstance(exc, VMMError):
+                raise
+            raise VMMStartFailed(f"configuring {self.name} failed: {exc}") from exc
+        log.info("started %s for %s (pid %d)", self.name, spec.uid, pid)
+        return pid
+
+    def wait_ready(self, spec: VMSpec, timeout: float) -> float:
+        """Seconds from the VMM's start to the ready marker on its console.
+
+        Raises VMMExited if the VMM dies first, BootTimeout after `timeout` seconds (the VMM keeps
+        running; the caller decides whether to stop it). Both messages end with the console tail.
+        """
+        state = Path(spec.state_dir).resolve()
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = _read_json(state / "ready")
+            if ready:
+                run = _read_json(state / "run.json") or {}
+                return max(0.0, ready["monotonic"] - run.get("started_monotonic", ready["monotonic"]))
+            if running_pid(state) is None:
+                # The marker may have landed just before the VMM exited: look once more.
+                if (state / "ready").exists():
+                    continue
+                # The supervisor records the exit status just after reaping; give it a moment.
+                settle = time.monotonic() + 1.0
+                while not (state / "exit.json").exists() and time.monotonic() < settle:
+                    time.sleep(POLL_INTERVAL)
+                exit_info = _read_json(state / "exit.json") or {}
+                raise VMMExited(f"{self.name} for {spec.uid} exited (status {exit_info.get('returncode')}) "
+                                f"before the guest was ready; console:\n{console_tail(state)}")
+            if time.monotonic() >= deadline:
+                raise BootTimeout(f"{spec.uid} printed no {self.ready_marker} within {timeout:.0f}s; "
+                                  f"console:\n{console_tail(state)}")
+            time.sleep(POLL_INTERVAL)
+
+    def stop(self, state_dir: str | os.PathLike, timeout: float = 30.0) -> None:
+        """Stop the VM: ask the guest to power off, kill it after `timeout` seconds. Stopping a VM
+        that is not running is fine."""
+        state = Path(state_dir).resolve()
+        pid = running_pid(state)
+        if pid is None:
+            self._finish_stop(state)
+            return
+        if timeout > 0:
+            try:
+                self._graceful_stop(state, min(timeout, 5.0))
+            except Exception as exc:  # noqa: BLE001 - a failed polite request just means we kill
+                log.warning("graceful stop of %s failed (%s); killing it after the timeout", state, exc)
+            if _wait_gone(pid, timeout):
+                self._finish_stop(state)
+                return
+            log.warning("%s did not stop within %.0fs; killing pid %d", state, timeout, pid)
+        self._kill(state, pid)
+        self._finish_stop(state)
+
+    def _kill(self, state: Path, pid: int) -> None:
+        # Re-check identity right before the signal: never kill a recycled pid.
+        if running_pid(state) != pid:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+        if not _wait_gone(pid, 10.0):
+            raise StopFailed(f"pid {pid} survived SIGKILL for 10s")
+
+    def _finish_stop(self, state: Path) -> None:
+        # Let the supervisor drain the last console bytes and record the exit status.
+        run = _read_json(state / "run.json") or {}
+        sup = run.get("supervisor_pid")
+        if sup and "consolecap" in _cmdline(sup) and str(state) in _cmdline(sup):
+            _wait_gone(int(sup), 5.0)
+        (state / "pid").unlink(missing_ok=True)
+        self._cleanup(state)
+
+
+def load_saved(state_dir: str | os.PathLike) -> tuple[str, dict, VMSpec]:
+    """(driver name, driver settings, VMSpec) from a state dir's vm.json."""
+    state = Path(state_dir)
+    saved = _read_json(state / "vm.json")
+    if not saved or "spec" not in saved:
+        raise VMMError(f"{state}/vm.json is missing or unreadable")
+    spec = VMSpec.from_dict(saved["spec"])
+    spec.state_dir = state.resolve()
+    return saved["driver"], saved.get("driver_config", {}), spec

@@ -1,0 +1,184 @@
+"""Launch a VMM detached from the worker and keep its console log within a size cap.
+
+    python -I consolecap.py --state-dir DIR --max-bytes N [--ready-marker TEXT] -- VMM ARGV...
+
+Run by the drivers (base.Driver.start), never by hand. The process tree it leaves is
+
+    worker ──(exits at once)── launcher
+    supervisor (this file, forked, orphaned) ── VMM
+
+The launcher forks the supervisor and exits as soon as the VMM runs, so the worker reaps its only
+child right away and never collects zombies, and a worker that is killed leaves the VM untouched.
+The supervisor is the VMM's parent: it reaps the VMM (so a stopped VMM never lingers as a zombie),
+drains the VMM's console (serial on stdout, plus stderr) from a pipe into `console.log`, and
+rotates it to `console.log.1` whenever it reaches half the cap, so both together stay below
+`--max-bytes`. It also writes, in the state dir:
+
+  pid         the VMM's pid (adoption reads it after a worker restart)
+  run.json    pid, supervisor pid, start time (wall clock and CLOCK_MONOTONIC, which is system-wide)
+  ready       the time the ready marker first appeared on the console
+  exit.json   the VMM's exit status, once it has exited
+
+Standard library only, and run with `python -I`, so it works whatever the worker's import path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+READ_SIZE = 64 * 1024
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RotatingLog:
+    """console.log plus one rotated generation, at most `max_bytes` together."""
+
+    def __init__(self, path: str, max_bytes: int):
+        self.path = path
+        self.limit = max(max_bytes // 2, 1)
+        self.fd = -1
+        self.size = 0
+        self._open(truncate=True)
+
+    def _open(self, truncate: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        self.fd = os.open(self.path, flags, 0o640)
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, data: bytes) -> None:
+        while data:
+            room = self.limit - self.size
+            if room <= 0:
+                self.rotate()
+                continue
+            part, data = data[:room], data[room:]
+            # Unbuffered: whoever tails the log sees output as soon as the guest prints it.
+            os.write(self.fd, part)
+            self.size += len(part)
+
+    def rotate(self) -> None:
+        os.close(self.fd)
+        os.replace(self.path, self.path + ".1")
+        self._open(truncate=True)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def supervise(args: argparse.Namespace, report_fd: int) -> int:
+    state = args.state_dir
+    log_path = os.path.join(state, "console.log")
+    # The previous boot's log becomes the rotated generation; the new boot starts a fresh file.
+    if os.path.exists(log_path):
+        os.replace(log_path, log_path + ".1")
+    log = RotatingLog(log_path, args.max_bytes)
+
+    read_fd, write_fd = os.pipe()
+    started_mono = time.monotonic()
+    started_wall = time.time()
+    try:
+        vmm = subprocess.Popen(args.argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+                               close_fds=True, cwd=state)
+    except OSError as exc:
+        os.write(report_fd, json.dumps({"error": f"cannot execute {args.argv[0]}: {exc}"}).encode())
+        return 127
+    os.close(write_fd)
+
+    write_atomic(os.path.join(state, "pid"), f"{vmm.pid}\n")
+    run = {"pid": vmm.pid, "supervisor_pid": os.getpid(), "started_at": started_wall,
+           "started_monotonic": started_mono, "argv": args.argv}
+    write_atomic(os.path.join(state, "run.json"), json.dumps(run))
+    os.write(report_fd, json.dumps(run).encode())
+    os.close(report_fd)
+
+    marker = args.ready_marker.encode() if args.ready_marker else b""
+    seen_ready = not marker
+    tail = b""
+    while True:
+        try:
+            chunk = os.read(read_fd, READ_SIZE)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break  # every writer closed: the VMM has exited
+        if not seen_ready:
+            window = tail + chunk
+            if marker in window:
+                seen_ready = True
+                write_atomic(os.path.join(state, "ready"),
+                             json.dumps({"at": time.time(), "monotonic": time.monotonic()}))
+            tail = window[-(len(marker) - 1):] if len(marker) > 1 else b""
+        log.write(chunk)
+    log.close()
+    returncode = vmm.wait()
+    write_atomic(os.path.join(state, "exit.json"), json.dumps({"returncode": returncode, "at": time.time()}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state-dir", required=True)
+    parser.add_argument("--max-bytes", type=int, default=1 << 20)
+    parser.add_argument("--ready-marker", default="")
+    parser.add_argument("argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.argv and args.argv[0] == "--":
+        args.argv = args.argv[1:]
+    if not args.argv:
+        parser.error("no VMM command given")
+
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_r)
+        # Nothing may keep the launcher's stdout (the worker's pipe) open, or the worker would
+        # wait for an EOF that never comes.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        # The VM must outlive a terminal hang-up or a Ctrl-C aimed at whoever started it.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        code = 1
+        try:
+            code = supervise(args, report_w)
+        except BaseException:  # noqa: BLE001 - last resort: leave the reason where the worker looks
+            try:
+                write_atomic(os.path.join(args.state_dir, "exit.json"),
+                             json.dumps({"returncode": None, "supervisor_error": traceback.format_exc()}))
+            except OSError:
+                pass
+        os._exit(code)
+
+    os.close(report_w)
+    chunks = []
+    while True:
+        data = os.read(report_r, READ_SIZE)
+        if not data:
+            break
+        chunks.append(data)
+    report = b"".join(chunks).decode() or json.dumps({"error": "supervisor exited before starting the VMM"})
+    sys.stdout.write(report + "\n")
+    sys.stdout.flush()
+    return 0 if '"pid"' in report else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
