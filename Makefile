@@ -39,7 +39,7 @@ crds: venv
 	$(PY) -m mikrom.crdgen crds
 
 demo: deps
-	bash hack/demo.sh
+	$(PY) hack/demo.py
 
 bench: deps
 	$(PY) bench/dispatch.py
