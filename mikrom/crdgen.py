@@ -59,6 +59,8 @@ def _resolve(node: Any, defs: dict, in_status: bool) -> Any:
                 out["default"] = value
         elif key in _KEEP:
             out[key] = value
+        elif key.startswith("x-kubernetes-"):  # already translated (an Optional model resolved above)
+            out[key] = value
     if "enum" in out and "type" not in out:
         out["type"] = "string"
     if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:

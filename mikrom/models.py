@@ -29,7 +29,7 @@ def cel(rule: str, message: str, reason: str | None = None, field_path: str | No
 
 
 def immutable(field: str) -> dict:
-    return cel(f"self == oldSelf", f"{field} is immutable")
+    return cel("self == oldSelf", f"{field} is immutable")
 
 
 class Model(BaseModel):

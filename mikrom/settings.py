@@ -67,6 +67,12 @@ class Settings:
     """Period of the operator's level-triggered check of each MicroVM and MicroVMNode."""
     default_pool_block_size: int = 26
     """Block size when an IPPool names none."""
+    operator_workers: int = 16
+    """Threads the operator runs its synchronous handlers in (kopf's executor)."""
+    peering_priority: int = 0
+    """kopf peering priority of this replica; 0: a random one, so that of two replicas exactly one is active."""
+    peering_lifetime_seconds: int = 60
+    """How long a replica that stopped renewing its peering record still counts as alive (kill -9 failover time)."""
 
     # worker
     node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname())
@@ -95,6 +101,8 @@ class Settings:
     """Size cap of each VM's console log."""
     bridge: str = "mikrombr0"
     """Name of the node's bridge."""
+    netns: str = ""
+    """Network namespace (`ip netns` name) holding the bridge, taps, NAT and VMMs; empty: the host's."""
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":

@@ -23,8 +23,7 @@ from harness import controlplane, procs, redis_server
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("MIKROM_TEST_ARTIFACTS", REPO / ".test-artifacts"))
 
-# every long-lived process the session started, for teardown and the loopback check
-STARTED: list[procs.Proc] = []
+STARTED = procs.STARTED
 
 
 def pytest_collection_modifyitems(config, items):
@@ -64,7 +63,7 @@ def redis(artifacts_dir):
 @pytest.fixture(scope="session")
 def kube_api(control_plane):
     """A kubernetes ApiClient logged in as the admin user."""
-    from kubernetes import client, config
+    from kubernetes import config
 
     api = config.new_client_from_config(config_file=str(control_plane.kubeconfig))
     yield api

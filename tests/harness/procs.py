@@ -11,6 +11,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+STARTED: list["Proc"] = []
+"""Every long-lived server the test session started: for teardown, the loopback check and the log
+tails attached to failed tests."""
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll `predicate` until it returns something truthy; fail saying `what` did not happen."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now (the kernel picks it)."""
     with socket.socket() as s:

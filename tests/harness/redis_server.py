@@ -1,4 +1,5 @@
-"""A real redis-server on a free loopback port, with a password."""
+"""A real redis-server on a free loopback port, with a password; it can be stopped and started
+again on the same port (to test what happens while Redis is away)."""
 
 from __future__ import annotations
 
@@ -14,32 +15,35 @@ from . import procs
 class RedisServer:
     port: int
     password: str
-    proc: procs.Proc
+    workdir: Path
+    proc: procs.Proc | None = None
 
     def url(self, db: int = 0, password: str | None = None) -> str:
         return f"redis://:{password if password is not None else self.password}@127.0.0.1:{self.port}/{db}"
 
+    def start(self) -> "RedisServer":
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise FileNotFoundError("redis-server: not installed (apt-get install redis-server; `make test` does it)")
+        conf = self.workdir / "redis.conf"
+        # the password goes in a file, not argv, so `ps` does not show it
+        conf.write_text(
+            f"bind 127.0.0.1\nport {self.port}\nrequirepass {self.password}\nsave \"\"\nappendonly no\n"
+            f"dir {self.workdir}\nprotected-mode yes\ndaemonize no\n"
+        )
+        self.proc = procs.start(f"redis-server-{self.port}", [binary, str(conf)], self.workdir)
+        try:
+            procs.wait_port(self.port, 30, self.proc)
+        except BaseException:
+            self.proc.stop()
+            raise
+        return self
+
     def stop(self) -> None:
-        self.proc.stop()
+        if self.proc is not None:
+            self.proc.stop()
 
 
 def start(workdir: Path) -> RedisServer:
-    binary = shutil.which("redis-server")
-    if not binary:
-        raise FileNotFoundError("redis-server: not installed (apt-get install redis-server; `make test` does it)")
     workdir.mkdir(parents=True, exist_ok=True)
-    port = procs.free_port()
-    password = secrets.token_hex(16)
-    conf = workdir / "redis.conf"
-    # the password goes in a file, not argv, so `ps` does not show it
-    conf.write_text(
-        f"bind 127.0.0.1\nport {port}\nrequirepass {password}\nsave \"\"\nappendonly no\n"
-        f"dir {workdir}\nprotected-mode yes\ndaemonize no\n"
-    )
-    proc = procs.start("redis-server", [binary, str(conf)], workdir)
-    try:
-        procs.wait_port(port, 30, proc)
-    except BaseException:
-        proc.stop()
-        raise
-    return RedisServer(port=port, password=password, proc=proc)
+    return RedisServer(port=procs.free_port(), password=secrets.token_hex(16), workdir=workdir).start()

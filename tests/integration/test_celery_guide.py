@@ -8,9 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-import pytest
 
 from harness import procs
 

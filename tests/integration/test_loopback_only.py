@@ -4,7 +4,7 @@ import ipaddress
 import re
 import subprocess
 
-from conftest import STARTED
+from harness.procs import STARTED
 
 
 def _listening(pids: set[int]) -> list[tuple[str, int]]:

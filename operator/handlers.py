@@ -1,0 +1,138 @@
+"""The kopf handlers, thin: each one hands the object to the module that decides.
+
+- index handlers feed `state` (so no other handler runs before the initial listing is complete);
+- MicroVM: create/update/resume and a timer reconcile it (`vms`), a delete handler holds the
+  finalizer until the node confirms (`vms.finalize`);
+- MicroVMNode: a timer checks the heartbeat and the counts (`nodes`);
+- IPPool: a timer keeps the pool's status current (`pools`);
+- watch events for deletions and capacity changes wake the placement sweep (`scheduler`).
+
+`kopf run -m mikrom.operator.handlers` works as well as `mikrom operator`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from mikrom import names
+
+from . import main, nodes, pools, scheduler, vms
+from .dispatch import DispatchRetry
+from .state import SETTINGS, STATE
+
+log = logging.getLogger(__name__)
+
+VMS = (names.GROUP, names.VERSION, names.MICROVMS)
+NODES = (names.GROUP, names.VERSION, names.MICROVMNODES)
+POOLS = (names.GROUP, names.VERSION, names.IPPOOLS)
+
+
+@kopf.on.startup()
+async def operator_startup(settings: kopf.OperatorSettings, **_) -> None:
+    main.configure(settings, SETTINGS)
+    scheduler.SWEEPER.attach(asyncio.get_running_loop(), settings.execution.executor, _sweep)
+    STATE.waker = scheduler.SWEEPER.wake
+    await asyncio.get_running_loop().run_in_executor(settings.execution.executor, main.ensure_peering, settings, SETTINGS)
+
+
+def _sweep() -> None:
+    for vm in STATE.pending():
+        try:
+            vms.reconcile(vm, cause="capacity")
+        except DispatchRetry:
+            pass  # recorded; the VM's timer retries the send
+        except Exception as exc:  # noqa: BLE001 - one VM must not stop the sweep; its timer retries
+            log.warning("placement of %s/%s failed: %s", vm["metadata"].get("namespace"),
+                        vm["metadata"].get("name"), exc)
+
+
+# ---------------------------------------------------------------------------- the cluster view
+
+@kopf.index(*VMS)
+async def microvm_index(body, **_):
+    STATE.observe_vm(body)
+
+
+@kopf.index(*NODES)
+async def microvmnode_index(body, **_):
+    STATE.observe_node(body)
+
+
+@kopf.index(*POOLS)
+async def ippool_index(body, **_):
+    STATE.observe_pool(body)
+
+
+@kopf.on.event(*VMS)
+async def microvm_event(event, body, **_):
+    if event["type"] == "DELETED":
+        STATE.forget_vm(body["metadata"]["uid"])
+
+
+@kopf.on.event(*NODES)
+async def microvmnode_event(event, body, **_):
+    if event["type"] == "DELETED":
+        STATE.forget_node(body["metadata"]["name"])
+
+
+@kopf.on.event(*POOLS)
+async def ippool_event(event, body, **_):
+    if event["type"] == "DELETED":
+        STATE.forget_pool(body["metadata"]["name"])
+
+
+# ---------------------------------------------------------------------------- MicroVM
+
+def _reconcile(body, cause: str) -> None:
+    try:
+        vms.reconcile(dict(body), cause=cause)
+    except DispatchRetry as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+
+
+@kopf.on.create(*VMS)
+def microvm_create(body, **_):
+    _reconcile(body, "create")
+
+
+@kopf.on.update(*VMS)
+def microvm_update(body, **_):
+    _reconcile(body, "update")
+
+
+@kopf.on.resume(*VMS)
+def microvm_resume(body, **_):
+    _reconcile(body, "resume")
+
+
+@kopf.timer(*VMS, interval=SETTINGS.reconcile_interval_seconds, initial_delay=SETTINGS.reconcile_interval_seconds)
+def microvm_timer(body, **_):
+    STATE.touch("vm", body["metadata"]["uid"])
+    try:
+        vms.reconcile(dict(body), cause="timer")
+    except DispatchRetry:
+        pass  # the failure is recorded with its backoff; the next tick retries when it is due
+
+
+@kopf.on.delete(*VMS)
+def microvm_delete(body, retry, **_):
+    try:
+        vms.finalize(dict(body), retry=retry or 0)
+    except (DispatchRetry, vms.Waiting) as exc:
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+
+
+# ---------------------------------------------------------------------------- MicroVMNode, IPPool
+
+@kopf.timer(*NODES, interval=nodes.check_interval())
+def microvmnode_timer(body, **_):
+    nodes.reconcile(dict(body))
+
+
+@kopf.timer(*POOLS, interval=SETTINGS.reconcile_interval_seconds)
+def ippool_timer(body, **_):
+    STATE.touch("pool", body["metadata"]["name"])
+    pools.refresh(body["metadata"]["name"])

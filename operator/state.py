@@ -1,0 +1,299 @@
+"""What the operator knows between API calls.
+
+- The latest MicroVMs, MicroVMNodes and IPPools seen on the watch streams. kopf index handlers feed
+  them, so kopf runs no other handler before the initial listing of all three is complete: a VM is
+  never judged against a half-known cluster.
+- Assignments made but not yet written (reservations), so two placements never double-book a node.
+- Per-VM bookkeeping that does not belong in the API: which dispatch this process delivered, failed
+  sends and their backoff, and when each VM's phase last moved.
+
+Thread-safe: kopf calls the index handlers on its event loop and the synchronous handlers in its
+thread pool. No lock is ever held across I/O.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mikrom.settings import Settings
+
+from . import placement
+
+GONE_REMEMBERED = 10000  # uids of deleted VMs kept to ignore late answers about them
+
+
+@dataclass(frozen=True)
+class Reservation:
+    node: str
+    vcpus: int
+    memory_mib: int
+
+
+@dataclass(frozen=True)
+class SendFailure:
+    count: int
+    next_try: float  # time.monotonic()
+    task_id: str
+
+
+def _rv(body: dict) -> int:
+    try:
+        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:  # resourceVersion is opaque in principle; every known store uses integers
+        return 0
+
+
+def _uid(body: dict) -> str:
+    return (body.get("metadata") or {}).get("uid", "")
+
+
+def _placement_signature(node: dict | None) -> tuple:
+    if node is None:
+        return ()
+    meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
+    ready = next((c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+    return (tuple(sorted((meta.get("labels") or {}).items())), spec.get("schedulable", True), spec.get("cidr"),
+            tuple(sorted((status.get("capacity") or {}).items())), tuple(status.get("vmms") or ()), ready,
+            bool(meta.get("deletionTimestamp")))
+
+
+class State:
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._vms: dict[str, dict] = {}
+        self._nodes: dict[str, dict] = {}
+        self._pools: dict[str, dict] = {}
+        self._reservations: dict[str, Reservation] = {}
+        self._delivered: dict[str, str] = {}
+        self._failures: dict[str, SendFailure] = {}
+        self._progress: dict[str, tuple[str | None, float]] = {}
+        self._vm_locks: dict[str, threading.Lock] = {}
+        self._seen: dict[tuple[str, str], float] = {}
+        self._gone: dict[str, None] = {}  # insertion-ordered, trimmed to GONE_REMEMBERED
+        self.placement_lock = threading.Lock()
+        """Held while choosing a node and reserving it: placements are serialised."""
+        self.waker: Callable[[], None] | None = None
+        """Called (from any thread) when capacity may have appeared, to retry pending VMs."""
+
+    # ------------------------------------------------------------------ observation
+
+    def observe_vm(self, body: dict) -> dict:
+        """Remember `body` unless a newer version is known; return the newest known version."""
+        uid = _uid(body)
+        with self._lock:
+            if uid in self._gone:  # a late write's answer must not bring a deleted VM back
+                return copy.deepcopy(dict(body))
+            self._seen[("vm", uid)] = time.monotonic()
+            known = self._vms.get(uid)
+            if known is not None and _rv(known) >= _rv(body):
+                return known
+            body = copy.deepcopy(dict(body))
+            self._vms[uid] = body
+            phase = (body.get("status") or {}).get("phase")
+            last = self._progress.get(uid)
+            if last is None or last[0] != phase:
+                self._progress[uid] = (phase, time.time())
+            if (body.get("status") or {}).get("node"):
+                self._reservations.pop(uid, None)
+            freed = known is not None and placement.holds(known) and not placement.holds(body)
+        if freed:
+            self.wake()
+        return body
+
+    def forget_vm(self, uid: str, deleted: bool = True) -> None:
+        with self._lock:
+            if deleted:
+                self._gone[uid] = None
+                while len(self._gone) > GONE_REMEMBERED:
+                    del self._gone[next(iter(self._gone))]
+            known = self._vms.pop(uid, None)
+            held = self._reservations.pop(uid, None)
+            for d in (self._delivered, self._failures, self._progress, self._vm_locks):
+                d.pop(uid, None)
+            self._seen.pop(("vm", uid), None)
+        if (known is not None and placement.holds(known)) or held:
+            self.wake()
+
+    def observe_node(self, body: dict) -> None:
+        name = body["metadata"]["name"]
+        with self._lock:
+            self._seen[("node", name)] = time.monotonic()
+            old = self._nodes.get(name)
+            if old is not None and _rv(old) >= _rv(body):
+                return
+            self._nodes[name] = copy.deepcopy(dict(body))
+            changed = _placement_signature(old) != _placement_signature(body)
+        if changed:
+            self.wake()
+
+    def forget_node(self, name: str) -> None:
+        with self._lock:
+            self._nodes.pop(name, None)
+            self._seen.pop(("node", name), None)
+
+    def observe_pool(self, body: dict) -> None:
+        name = body["metadata"]["name"]
+        with self._lock:
+            self._seen[("pool", name)] = time.monotonic()
+            old = self._pools.get(name)
+            if old is not None and _rv(old) >= _rv(body):
+                return
+            self._pools[name] = copy.deepcopy(dict(body))
+        if old is None:
+            self.wake()
+
+    def forget_pool(self, name: str) -> None:
+        with self._lock:
+            self._pools.pop(name, None)
+            self._seen.pop(("pool", name), None)
+
+    def touch(self, kind: str, key: str) -> None:
+        """Note that kopf still knows the object (its timer ran, or an event arrived)."""
+        with self._lock:
+            self._seen[(kind, key)] = time.monotonic()
+
+    def prune(self, max_age: float) -> list[str]:
+        """Forget objects nobody has touched for `max_age` seconds. A replica that was paused by
+        peering and resumed re-lists everything but hears nothing of objects deleted meanwhile;
+        without this they would hold node capacity forever."""
+        cutoff = time.monotonic() - max_age
+        with self._lock:
+            stale = [k for k, t in self._seen.items() if t < cutoff]
+            for kind, key in stale:
+                del self._seen[(kind, key)]
+        for kind, key in stale:
+            if kind == "vm":
+                self.forget_vm(key, deleted=False)
+            else:
+                {"node": self.forget_node, "pool": self.forget_pool}[kind](key)
+        return [f"{kind}/{key}" for kind, key in stale]
+
+    def wake(self) -> None:
+        if self.waker is not None:
+            self.waker()
+
+    # ------------------------------------------------------------------ queries
+
+    def vm(self, uid: str) -> dict | None:
+        with self._lock:
+            return self._vms.get(uid)
+
+    def latest(self, body: dict) -> dict:
+        """The newest known version of the VM `body` is a version of."""
+        return self.observe_vm(body)
+
+    def node(self, name: str) -> dict | None:
+        with self._lock:
+            return self._nodes.get(name)
+
+    def nodes(self) -> dict[str, dict]:
+        with self._lock:
+            return dict(self._nodes)
+
+    def pools(self) -> dict[str, dict]:
+        with self._lock:
+            return dict(self._pools)
+
+    def vms(self) -> list[dict]:
+        with self._lock:
+            return list(self._vms.values())
+
+    def vms_on(self, node: str) -> list[dict]:
+        with self._lock:
+            return [vm for vm in self._vms.values() if (vm.get("status") or {}).get("node") == node]
+
+    def pending(self) -> list[dict]:
+        """VMs without a node and not being deleted, oldest first."""
+        with self._lock:
+            out = [vm for vm in self._vms.values()
+                   if not (vm.get("status") or {}).get("node") and not vm["metadata"].get("deletionTimestamp")]
+        return sorted(out, key=lambda vm: (vm["metadata"].get("creationTimestamp", ""), vm["metadata"]["name"]))
+
+    def allocated(self) -> dict[str, tuple[int, int, int]]:
+        """node -> (vCPUs, MiB, VM count) held by assigned VMs and by reservations not yet written."""
+        out: dict[str, list[int]] = {}
+        with self._lock:
+            for vm in self._vms.values():
+                if placement.holds(vm):
+                    cpu, mem = placement.shape(vm)
+                    acc = out.setdefault(vm["status"]["node"], [0, 0, 0])
+                    acc[0] += cpu
+                    acc[1] += mem
+                    acc[2] += 1
+            for uid, r in self._reservations.items():
+                if not (self._vms.get(uid, {}).get("status") or {}).get("node"):
+                    acc = out.setdefault(r.node, [0, 0, 0])
+                    acc[0] += r.vcpus
+                    acc[1] += r.memory_mib
+                    acc[2] += 1
+        return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+
+    def addresses_on(self, node: str) -> int:
+        """VMs on `node` that hold (or will hold) an address from its block."""
+        with self._lock:
+            count = sum(1 for vm in self._vms.values()
+                        if (vm.get("status") or {}).get("node") == node and (vm.get("spec") or {}).get("network")
+                        and (vm.get("status") or {}).get("phase") != "Succeeded")
+            count += sum(1 for uid in self._reservations if self._reservations[uid].node == node
+                         and not (self._vms.get(uid, {}).get("status") or {}).get("node"))
+        return count
+
+    def guest_addresses(self) -> list[str]:
+        with self._lock:
+            return [vm["status"]["ipAddress"] for vm in self._vms.values() if (vm.get("status") or {}).get("ipAddress")]
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def reserve(self, uid: str, reservation: Reservation) -> None:
+        with self._lock:
+            self._reservations[uid] = reservation
+
+    def release(self, uid: str) -> None:
+        with self._lock:
+            self._reservations.pop(uid, None)
+
+    def reservation(self, uid: str) -> Reservation | None:
+        with self._lock:
+            return self._reservations.get(uid)
+
+    def delivered(self, uid: str) -> str | None:
+        with self._lock:
+            return self._delivered.get(uid)
+
+    def mark_delivered(self, uid: str, task_id: str) -> None:
+        with self._lock:
+            self._delivered[uid] = task_id
+            self._failures.pop(uid, None)
+
+    def failure(self, uid: str) -> SendFailure | None:
+        with self._lock:
+            return self._failures.get(uid)
+
+    def mark_failed(self, uid: str, task_id: str, delay_for: Callable[[int], float]) -> SendFailure:
+        """Record a failed send; `delay_for(failures so far)` says when to try again."""
+        with self._lock:
+            old = self._failures.get(uid)
+            count = old.count + 1 if old else 1
+            f = SendFailure(count=count, next_try=time.monotonic() + delay_for(count), task_id=task_id)
+            self._failures[uid] = f
+            return f
+
+    def progress_at(self, uid: str) -> float:
+        with self._lock:
+            return self._progress.get(uid, (None, time.time()))[1]
+
+    def vm_lock(self, uid: str) -> threading.Lock:
+        """One lock per VM: handlers, timers and the placement sweep never act on one VM at once."""
+        with self._lock:
+            return self._vm_locks.setdefault(uid, threading.Lock())
+
+
+STATE = State()
+"""The process's one view (kopf handlers are module-level functions)."""
+
+SETTINGS = Settings.from_env()
+"""The operator's settings, from the MIKROM_* environment variables (see `mikrom.settings`)."""

@@ -1,0 +1,168 @@
+"""Run `mikrom operator` as a real subprocess for the tests.
+
+The operator authenticates as the ServiceAccount `mikrom-operator` (a token from `kubectl create
+token`) with exactly the RBAC of `deploy/rbac/operator.yaml`, so a missing permission fails the
+tests. Its settings come from MIKROM_* environment variables, its JSON log goes to a file, and it
+can be killed with SIGKILL like a crashing Pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import procs
+
+REPO = Path(__file__).resolve().parents[2]
+SA_NAMESPACE = "mikrom-system"
+SA_NAME = "mikrom-operator"
+
+# The settings the tests run with: small, so the whole tier takes minutes, not hours.
+TEST_ENV = {
+    "MIKROM_NODE_LOST_AFTER_SECONDS": "6",
+    "MIKROM_RECONCILE_INTERVAL_SECONDS": "1",
+    "MIKROM_PROGRESS_TIMEOUT_SECONDS": "300",
+    "MIKROM_DISPATCH_BACKOFF_SECONDS": "1",
+    "MIKROM_MAX_DISPATCH_ATTEMPTS": "4",
+    "MIKROM_DELETE_WAIT_SECONDS": "3",
+    "MIKROM_REDIS_TIMEOUT_SECONDS": "2",
+    "MIKROM_PEERING_LIFETIME_SECONDS": "6",
+    "MIKROM_OPERATOR_WORKERS": "16",
+}
+
+
+def _peering_crd(kind: str, plural: str, scope: str) -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.kopf.dev"},
+        "spec": {
+            "group": "kopf.dev",
+            "scope": scope,
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                "type": "object",
+                "properties": {"status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }}}],
+        },
+    }
+
+
+# kopf's peering resources (as in kopf's own peering.yaml): a deployment installs them with the CRDs.
+PEERING_CRDS = [_peering_crd("ClusterKopfPeering", "clusterkopfpeerings", "Cluster"),
+                _peering_crd("KopfPeering", "kopfpeerings", "Namespaced")]
+
+
+def install(cp) -> None:
+    """The CRDs from `crds/`, kopf's peering CRDs, and the operator's ServiceAccount and RBAC."""
+    cp.kubectl("apply", "-f", str(REPO / "crds"))
+    cp.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(c) for c in PEERING_CRDS))
+    for crd in ("microvms.mikrom.io", "microvmnodes.mikrom.io", "ippools.mikrom.io",
+                "clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
+        cp.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    if cp.kubectl("get", "namespace", SA_NAMESPACE, check=False).returncode != 0:
+        cp.kubectl("create", "namespace", SA_NAMESPACE)
+    cp.kubectl("apply", "-f", str(REPO / "deploy/rbac/operator.yaml"))
+
+
+def service_account_kubeconfig(cp, path: Path) -> Path:
+    """A kubeconfig that authenticates as system:serviceaccount:mikrom-system:mikrom-operator."""
+    token = cp.kubectl("create", "token", SA_NAME, "-n", SA_NAMESPACE, "--duration=4h").stdout.strip()
+    admin = yaml.safe_load(cp.kubeconfig.read_text())
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": SA_NAME, "user": {"token": token}}],
+        "contexts": [{"name": SA_NAME, "context": {"cluster": admin["clusters"][0]["name"], "user": SA_NAME}}],
+        "current-context": SA_NAME,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class Operator:
+    proc: procs.Proc
+    liveness_port: int
+
+    @property
+    def name(self) -> str:
+        return self.proc.name
+
+    def alive(self) -> bool:
+        return self.proc.alive()
+
+    def wait_live(self, timeout: float = 60) -> None:
+        """Until kopf's liveness endpoint answers (handlers registered, startup done)."""
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.liveness_port}/healthz"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.proc.tail(80)}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as rsp:
+                    if rsp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not live within {timeout}s:\n{self.proc.tail(80)}")
+
+    def lines(self) -> list[str]:
+        try:
+            return self.proc.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def records(self) -> list[dict]:
+        """The JSON log records (a line cut short by kill -9 is skipped)."""
+        out = []
+        for line in self.lines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def dispatches(self) -> list[dict]:
+        """The operator's "dispatch" log records, one per message it sent (or tried to)."""
+        return [r for r in self.records() if r.get("message") == "dispatch"]
+
+    def problems(self) -> list[str]:
+        """Lines showing an unhandled exception (kopf logs handler errors with their traceback)."""
+        return [line for line in self.lines() if "Traceback" in line]
+
+    def kill(self) -> None:
+        """SIGKILL, as a node or the OOM killer would."""
+        self.proc.kill()
+
+    def stop(self) -> None:
+        self.proc.stop(timeout=15)
+
+
+def start(cp, redis_url: str, workdir: Path, name: str, kubeconfig: Path, namespace: str = "",
+          env: dict | None = None, standalone: bool = False, peering: str = "") -> Operator:
+    """Start `mikrom operator` (not yet waiting for it)."""
+    port = procs.free_port()
+    exe = Path(sys.executable).with_name("mikrom")
+    argv = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "mikrom.cli"]),
+            "operator", "--liveness", f"http://127.0.0.1:{port}/healthz"]
+    argv += ["--standalone"] if standalone else ["--peering", peering or f"mikrom-{name}"]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MIKROM_") and k != "KUBECONFIG"}
+    full_env.update(TEST_ENV)
+    full_env.update({"KUBECONFIG": str(kubeconfig), "MIKROM_BROKER_URL": redis_url, "MIKROM_NAMESPACE": namespace,
+                     "PYTHONUNBUFFERED": "1"})
+    full_env.update(env or {})
+    proc = procs.start(name, argv, workdir, env=full_env, cwd=str(workdir))
+    return Operator(proc=proc, liveness_port=port)

@@ -1,0 +1,125 @@
+"""A MicroVM applied with kubectl is placed, gets an address block, and leads to exactly one
+reference-only message on its node's queue; `kubectl get mvm -o wide` tells the story."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+import yaml
+from harness.fake_worker import message_has_no_spec
+from harness.procs import wait_for
+from harness import binaries
+
+from mikrom import names
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_applied_example_sends_exactly_one_reference_only_message_to_its_node(mikrom_cluster, operators, worker,
+                                                                              mvms, broker_url):
+    mikrom_cluster.kubectl("apply", "-f", str(REPO / "examples/ippool-default.yaml"))
+    node = f"kvm-{mvms.label}"
+    worker.add_node(node, vcpus=4, memory_mib=4096)
+    op = operators()
+
+    mikrom_cluster.kubectl("apply", "-n", mvms.ns, "-f", str(REPO / "examples/microvm.yaml"))
+    vm = wait_for(lambda: mvms.get("hello") if mvms.status("hello").get("phase") == "Running" else None, 30,
+                  "the example VM to run")
+    uid = vm["metadata"]["uid"]
+    time.sleep(2)  # room for a duplicate to show up, if there were one
+
+    msgs = worker.messages(uid=uid)
+    assert [m.task for m in msgs] == [names.CREATE_VM], msgs
+    m = msgs[0]
+    assert m.node == node and m.headers["task"] == names.CREATE_VM
+    assert m.kwargs == {"namespace": mvms.ns, "name": "hello", "uid": uid, "intent": "create"}
+    assert message_has_no_spec(m.raw), m.raw
+    assert message_has_no_spec(json.dumps(m.headers)), m.headers
+    assert len(worker.messages()) == 1
+    with redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5) as r:
+        assert r.llen(names.DEFAULT_QUEUE) == 0  # nothing went to the shared queue instead
+
+    status = vm["status"]
+    assert status["node"] == node
+    assert status["dispatch"]["intent"] == "create" and status["dispatch"]["taskId"] == m.headers["id"]
+    scheduled = next(c for c in status["conditions"] if c["type"] == names.SCHEDULED)
+    assert scheduled["status"] == "True" and scheduled["reason"] == names.PLACED
+
+    # the node got a block from the default pool, and the VM an address inside it
+    node_obj = mvms.node(node)
+    assert node_obj["spec"]["pool"] == "default"
+    assert ipaddress.ip_address(status["ipAddress"]) in ipaddress.ip_network(node_obj["spec"]["cidr"])
+
+    wide = mikrom_cluster.kubectl("get", "mvm", "-n", mvms.ns, "-o", "wide").stdout.splitlines()
+    assert wide[0].split() == ["NAME", "PHASE", "NODE", "IP", "VCPUS", "MEMORY", "AGE", "VMM", "READY"]
+    row = wide[1].split()
+    assert row[:6] == ["hello", "Running", node, status["ipAddress"], "1", "256"], wide
+    assert row[7:] == ["qemu", "True"], wide
+
+    scheduled = mvms.wait_events(uid, names.SCHEDULED)[0]
+    assert scheduled.message == f"assigned to MicroVMNode {node}; sent create_vm_task to queue mikrom.node.{node} " \
+                                "(attempt 1)"
+    assert [e.reason for e in mvms.events(uid)] == [names.SCHEDULED]  # one Event for one transition
+    sent = [d for d in op.dispatches() if d["vm_uid"] == uid]
+    assert [(d["intent"], d["why"], d["redispatch"]) for d in sent] == [("create", "new", False)]
+
+
+def test_node_and_pool_status_show_what_the_vms_hold(mikrom_cluster, operators, worker, mvms):
+    mikrom_cluster.kubectl("apply", "-f", str(REPO / "examples/ippool-default.yaml"))
+    node = f"kvm-{mvms.label}"
+    worker.add_node(node, vcpus=8, memory_mib=4096, labels={"test": mvms.label})
+    operators()
+    for i in range(3):
+        mvms.create(f"vm-{i}", vcpus=2, memoryMiB=512, network={"pool": "default"},
+                    nodeSelector={"test": mvms.label})
+    for i in range(3):
+        mvms.wait_phase(f"vm-{i}", "Running")
+
+    def node_counts():
+        st = (mvms.node(node) or {}).get("status") or {}
+        return st if st.get("vmCount") == 3 else None
+
+    st = wait_for(node_counts, 15, "the node's counts")
+    assert st["allocated"] == {"vcpus": 6, "memoryMiB": 1536}
+    assert st["usage"] == {"vcpus": "6/8", "memoryMiB": "1536/4096"}
+    assert next(c for c in st["conditions"] if c["type"] == "Ready")["status"] == "True"
+    row = mikrom_cluster.kubectl("get", "mvmn", node).stdout.splitlines()[1].split()
+    assert row[:6] == [node, "True", "3", "6/8", "1536/4096", (mvms.node(node))["spec"]["cidr"]]
+
+    block = mvms.node(node)["spec"]["cidr"]
+
+    def pool_counts():
+        st = (mvms.pool("default") or {}).get("status") or {}
+        return st if st.get("blocks", {}).get(node) and st.get("allocated") == 3 else None
+
+    pool = wait_for(pool_counts, 15, "the pool to list the node's block and count the 3 addresses")
+    assert pool["blocks"][node] == block
+    assert pool["available"] == 1024 * 61 - pool["allocated"]
+    assert yaml.safe_load(mikrom_cluster.kubectl("get", "mippool", "default", "-o", "yaml").stdout)["status"] == pool
+
+
+def test_operator_runs_as_its_service_account_with_only_the_rights_it_needs(mikrom_cluster, operator_kubeconfig):
+    who = subprocess.run([str(binaries.require("kubectl")), "--kubeconfig", str(operator_kubeconfig), "auth",
+                          "whoami", "-o", "jsonpath={.status.userInfo.username}"], capture_output=True, text=True,
+                         timeout=60)
+    assert who.stdout == "system:serviceaccount:mikrom-system:mikrom-operator", who.stderr
+    sa = "system:serviceaccount:mikrom-system:mikrom-operator"
+
+    def can(*args: str) -> bool:
+        res = mikrom_cluster.kubectl("auth", "can-i", *args, f"--as={sa}", check=False)
+        return res.stdout.strip() == "yes"
+
+    for allowed in (("watch", "microvms.mikrom.io", "-A"), ("patch", "microvms.mikrom.io/status", "-n", "x"),
+                    ("patch", "microvmnodes.mikrom.io"), ("patch", "ippools.mikrom.io/status"),
+                    ("create", "events", "-n", "x"), ("create", "clusterkopfpeerings.kopf.dev")):
+        assert can(*allowed), allowed
+    for denied in (("get", "secrets", "-n", "x"), ("list", "pods", "-A"), ("create", "microvms.mikrom.io", "-n", "x"),
+                   ("delete", "microvms.mikrom.io", "-n", "x"), ("delete", "microvmnodes.mikrom.io"),
+                   ("create", "ippools.mikrom.io"), ("update", "customresourcedefinitions"),
+                   ("create", "serviceaccounts/token", "-n", "mikrom-system")):
+        assert not can(*denied), denied
