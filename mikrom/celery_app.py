@@ -22,11 +22,18 @@ celery_app = app  # the original guide's name for it
 
 
 def route_task(name, args, kwargs, options, task=None, **kw):
-    """VM tasks go to the queue of the node named in `node`; beat's status sync is broadcast."""
+    """VM tasks go to the queue of the node named in `node`; beat's status sync and orphan sweep
+    are broadcast (every node does its own)."""
     if name in names.VM_TASKS and kwargs and kwargs.get("node"):
         return {"queue": names.node_queue(kwargs["node"]), "routing_key": names.node_queue(kwargs["node"])}
-    if name == names.SYNC_VM_STATUS:
-        return {"queue": names.BROADCAST_QUEUE, "exchange": names.BROADCAST_QUEUE}
+    if name in (names.SYNC_VM_STATUS, names.CLEANUP_OLD_VMS):
+        # Celery never declares a Broadcast queue's exchange when sending, and kombu's Redis
+        # transport takes an exchange it has not seen declared for a direct one: the message would
+        # go nowhere. Redis fanout publishes on a channel named after exchange and routing key, so
+        # the key is pinned here and on the Broadcast queue below.
+        return {"queue": names.BROADCAST_QUEUE, "exchange": names.BROADCAST_QUEUE,
+                "routing_key": names.BROADCAST_QUEUE,
+                "declare": [Exchange(names.BROADCAST_QUEUE, type="fanout")]}
     return {"queue": names.DEFAULT_QUEUE, "routing_key": names.DEFAULT_QUEUE}
 
 
@@ -67,7 +74,7 @@ def configure(app: Celery, settings: Settings) -> None:
         task_default_routing_key=names.DEFAULT_QUEUE,
         task_queues=(
             Queue(names.DEFAULT_QUEUE, Exchange(names.DEFAULT_QUEUE, type="direct"), routing_key=names.DEFAULT_QUEUE),
-            Broadcast(names.BROADCAST_QUEUE),
+            Broadcast(names.BROADCAST_QUEUE, routing_key=names.BROADCAST_QUEUE),
         ),
         task_create_missing_queues=True,
         task_routes=(route_task,),

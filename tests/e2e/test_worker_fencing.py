@@ -1,0 +1,150 @@
+"""Node loss seen from both sides: the worker loses the API server (a proxy between them is cut),
+fences itself by stopping its VMs, the operator marks them Unknown; when the connection returns the
+worker heartbeats again, restarts what is still assigned to it and reports the truth."""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from harness.worker_proc import (  # noqa: F401 - fixtures
+    e2e_skip_reason,
+    fleet,
+    guest_image_dir,
+    make_worker,
+    mikrom_operator_cluster,
+    netns,
+    ping,
+    vmm_pids,
+    worker_kubeconfig,
+)
+
+pytestmark = pytest.mark.skipif(e2e_skip_reason() is not None, reason=e2e_skip_reason() or "")
+
+
+@pytest.fixture
+def operator_env():
+    return {"MIKROM_NODE_LOST_AFTER_SECONDS": "6"}
+
+
+class CuttableProxy:
+    """A TCP proxy on loopback whose connections can be cut and refused, then allowed again."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = threading.Event()
+        self.open.set()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open.is_set():
+                conn.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                conn.close()
+                continue
+            with self.lock:
+                self.pairs.append((conn, upstream))
+            threading.Thread(target=self._pump, args=(conn, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket):
+        try:
+            while self.open.is_set():
+                ready, _, _ = select.select([a, b], [], [], 0.2)
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    (b if s is a else a).sendall(data)
+        except OSError:
+            pass
+        finally:
+            a.close()
+            b.close()
+
+    def cut(self):
+        self.open.clear()
+        with self.lock:
+            for a, b in self.pairs:
+                for s in (a, b):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            self.pairs.clear()
+
+    def restore(self):
+        self.open.set()
+
+    def close(self):
+        self.closed = True
+        self.cut()
+        self.listener.close()
+
+
+@pytest.fixture
+def proxied_kubeconfig(worker_kubeconfig, tmp_path):
+    cfg = yaml.safe_load(worker_kubeconfig.read_text())
+    server = urlsplit(cfg["clusters"][0]["cluster"]["server"])
+    proxy = CuttableProxy((server.hostname, server.port))
+    cfg["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+    path = tmp_path / "proxied.kubeconfig"
+    path.write_text(yaml.safe_dump(cfg))
+    yield path, proxy
+    proxy.close()
+
+
+def test_a_worker_cut_off_from_the_api_server_fences_its_vms_and_restores_them_when_it_returns(
+        proxied_kubeconfig, fleet, make_worker, netns, guest_image_dir):
+    # the proxy comes first so it is torn down last: the worker confirms the final deletions
+    kubeconfig, proxy = proxied_kubeconfig
+    worker = make_worker(netns=netns, image_dir=guest_image_dir, start=False, heartbeat_seconds=1,
+                         self_fence_after_seconds=5, sync_interval_seconds=3)
+    worker.env["KUBECONFIG"] = str(kubeconfig)
+    worker.start()
+    fleet.node = worker.node
+    fleet.create("island")
+    st = fleet.wait_phase("island", "Running", timeout=90, avoid=("Failed",))
+    uid = fleet.get("island")["metadata"]["uid"]
+    first_pid, ip = st["pid"], st["ipAddress"]
+
+    proxy.cut()
+    t0 = time.monotonic()
+    worker.wait_log("self-fencing", 30)
+    deadline = time.monotonic() + 20
+    while vmm_pids(worker.state_dir, uid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert vmm_pids(worker.state_dir, uid) == [], "a fenced worker must stop its VMs"
+    # the last good heartbeat was at most heartbeat_seconds (1) before the cut
+    assert time.monotonic() - t0 >= 5 - 1 - 0.2, "fenced before selfFenceAfterSeconds"
+    st = fleet.wait_phase("island", "Unknown", timeout=30)  # the operator's view of the lost node
+    assert any(c["type"] == "NodeReachable" and c["status"] == "False" for c in st["conditions"])
+
+    proxy.restore()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        st = fleet.status("island")
+        if st.get("phase") == "Running" and st.get("pid") != first_pid:
+            break
+        time.sleep(0.2)
+    assert st["phase"] == "Running" and st["pid"] != first_pid, st
+    assert st["ipAddress"] == ip
+    assert vmm_pids(worker.state_dir, uid) == [st["pid"]]
+    assert ping(netns, ip).returncode == 0

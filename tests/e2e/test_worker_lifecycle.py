@@ -1,0 +1,209 @@
+"""A MicroVM's life with every real part: API server, Redis, the operator, `mikrom worker` as root
+(as the mikrom-worker ServiceAccount) and QEMU microvm guests under TCG.
+
+The worker's bridge, taps, NAT rules and VMMs live in a network namespace the test creates; the
+only traffic is a ping from that namespace to the guest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from harness.worker_proc import (  # noqa: F401 - fixtures
+    e2e_skip_reason,
+    fleet,
+    guest_image_dir,
+    link_exists,
+    make_worker,
+    mikrom_operator_cluster,
+    netns,
+    operator_env,
+    ping,
+    vmm_pids,
+    worker_kubeconfig,
+)
+
+from mikrom.worker import netdev
+
+pytestmark = pytest.mark.skipif(e2e_skip_reason() is not None, reason=e2e_skip_reason() or "")
+
+CONSOLE_CAP = 16384
+
+
+def _parse(ts: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_microvm_runs_answers_ping_stops_starts_restarts_and_is_deleted_without_a_trace(
+        fleet, make_worker, netns, guest_image_dir):
+    worker = make_worker(netns=netns, image_dir=guest_image_dir, console_max_bytes=CONSOLE_CAP)
+    vms = fleet
+    vms.node = worker.node
+
+    # apply -> Running with an address, a pid, timings and Ready
+    vms.create("web")
+    st = vms.wait_phase("web", "Running", timeout=90, avoid=("Failed",))
+    uid = vms.get("web")["metadata"]["uid"]
+    assert st["node"] == worker.node and st["vmm"] == "qemu"
+    assert st["ipAddress"] and st["macAddress"] == netdev.mac_for_uid(uid)
+    assert st["pid"] in vmm_pids(worker.state_dir, uid) and len(vmm_pids(worker.state_dir, uid)) == 1
+    assert 0.3 < st["bootSeconds"] < 60 and st["startedAt"]
+    assert st["observedGeneration"] == vms.get("web")["metadata"]["generation"]
+    assert st["activeShape"] == {"vcpus": 1, "memoryMiB": 128}
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
+    vms.wait_event("web", "Provisioning")
+    vms.wait_event("web", "Started")
+
+    # the host side of the tap reaches the guest
+    tap = netdev.tap_name_for_uid(uid)
+    assert link_exists(netns, tap)
+    res = ping(netns, st["ipAddress"])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    # the console is kept, within its cap
+    vm_dir = worker.vms_dir / uid
+    console = (vm_dir / "console.log").read_text(errors="replace")
+    assert "MIKROM-READY" in console or "MIKROM-READY" in (vm_dir / "console.log.1").read_text(errors="replace")
+    kept = sum((vm_dir / n).stat().st_size for n in ("console.log", "console.log.1") if (vm_dir / n).exists())
+    assert kept <= CONSOLE_CAP
+
+    # Halted -> Stopped, no VMM process left
+    first_ip, first_pid, first_started = st["ipAddress"], st["pid"], st["startedAt"]
+    vms.patch("web", {"spec": {"runStrategy": "Halted"}})
+    st = vms.wait_phase("web", "Stopped", timeout=60, avoid=("Failed",))
+    assert "pid" not in st
+    assert vmm_pids(worker.state_dir, uid) == []
+    vms.wait_event("web", "Stopped")
+
+    # Always again -> Running with the same address
+    vms.patch("web", {"spec": {"runStrategy": "Always"}})
+    st = vms.wait_phase("web", "Running", timeout=90, avoid=("Failed",))
+    assert st["ipAddress"] == first_ip and st["pid"] != first_pid
+    assert ping(netns, first_ip).returncode == 0
+
+    # a new mikrom.io/restartedAt -> a new process, startedAt advanced, the value recorded
+    before_pid, before_started = st["pid"], st["startedAt"]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    vms.patch("web", {"metadata": {"annotations": {"mikrom.io/restartedAt": stamp}}})
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        st = vms.status("web")
+        if st.get("restartedAt") == stamp and st.get("phase") == "Running":
+            break
+        time.sleep(0.2)
+    assert st.get("restartedAt") == stamp and st["phase"] == "Running", st
+    assert st["pid"] != before_pid and _parse(st["startedAt"]) > _parse(before_started) > _parse(first_started)
+    assert vmm_pids(worker.state_dir, uid) == [st["pid"]]
+
+    # delete -> object gone, no process, no tap, no state directory
+    vms.delete("web")
+    vms.wait_gone("web", timeout=60)
+    assert vmm_pids(worker.state_dir, uid) == []
+    assert not link_exists(netns, tap)
+    assert not vm_dir.exists()
+    vms.wait_event("web", "CleanedUp")
+
+
+def test_a_rootfs_with_the_wrong_sha256_fails_with_checksum_mismatch_and_leaves_nothing_on_disk(
+        fleet, make_worker, netns, guest_image_dir, tmp_path):
+    worker = make_worker(netns=netns, image_dir=guest_image_dir)
+    fleet.node = worker.node
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(os.urandom(1 << 20))
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    fleet.create("corrupt", image={"kernel": {"path": "vmlinuz"}, "initrd": {"path": "initrd.img"},
+                                   "rootfs": {"url": rootfs.as_uri(), "sha256": wrong}})
+    st = fleet.wait_phase("corrupt", "Failed", timeout=60, avoid=("Running",))
+    assert st["reason"] == "ChecksumMismatch" and wrong in st["message"]
+    ready = next(c for c in st["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "ChecksumMismatch"
+    fleet.wait_event("corrupt", "ChecksumMismatch", type_="Warning")
+    uid = fleet.get("corrupt")["metadata"]["uid"]
+    cache = worker.state_dir / "images"
+    assert not any(p.is_file() for p in cache.rglob("*")) if cache.exists() else True
+    assert not (worker.vms_dir / uid).exists()
+    assert vmm_pids(worker.state_dir) == []
+    assert not link_exists(netns, netdev.tap_name_for_uid(uid))
+    # and it is not retried for this generation
+    time.sleep(3)
+    assert fleet.status("corrupt")["reason"] == "ChecksumMismatch"
+
+
+@pytest.mark.parametrize("path", ["../vmlinuz", "/boot/vmlinuz", "images/../../etc/passwd"])
+def test_an_image_path_with_dotdot_or_absolute_is_refused_by_the_api_server(fleet, path):
+    from kubernetes.client import ApiException
+
+    with pytest.raises(ApiException) as err:
+        fleet.create("escape", image={"kernel": {"path": path}, "initrd": {"path": "initrd.img"}})
+    assert err.value.status == 422 and "spec.image.kernel.path" in err.value.body
+
+
+def test_an_image_path_leading_out_through_a_symlink_is_refused_before_anything_is_touched(
+        fleet, make_worker, netns, guest_image_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("vmlinuz", "initrd.img"):
+        os.link(guest_image_dir / name, images / name) if _same_fs(guest_image_dir, images) else \
+            (images / name).write_bytes((guest_image_dir / name).read_bytes())
+    secret = tmp_path / "outside.img"
+    secret.write_bytes(b"not for guests")
+    (images / "rootfs.img").symlink_to(secret)
+    worker = make_worker(netns=netns, image_dir=images)
+    fleet.node = worker.node
+    fleet.create("sneaky", image={"kernel": {"path": "vmlinuz"}, "initrd": {"path": "initrd.img"},
+                                  "rootfs": {"path": "rootfs.img"}})
+    st = fleet.wait_phase("sneaky", "Failed", timeout=60, avoid=("Running",))
+    assert st["reason"] == "InvalidSpec" and "spec.image.rootfs.path" in st["message"]
+    assert "outside the image directory" in st["message"]
+    uid = fleet.get("sneaky")["metadata"]["uid"]
+    assert not (worker.vms_dir / uid).exists()
+    assert vmm_pids(worker.state_dir) == []
+    assert not link_exists(netns, netdev.tap_name_for_uid(uid))
+    assert secret.read_bytes() == b"not for guests"
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def test_a_vm_whose_vmm_dies_is_restarted_under_always_and_one_that_powers_off_under_once_succeeds(
+        fleet, make_worker, netns, guest_image_dir):
+    from mikrom.worker.vmm.qemu import qmp_command
+
+    worker = make_worker(netns=netns, image_dir=guest_image_dir, sync_interval_seconds=2)
+    fleet.node = worker.node
+    fleet.create("phoenix", network=False)
+    fleet.create("mayfly", network=False, runStrategy="Once")
+    first = fleet.wait_phase("phoenix", "Running", timeout=120, avoid=("Failed",))
+    fleet.wait_phase("mayfly", "Running", timeout=120, avoid=("Failed",))
+    once_uid = fleet.get("mayfly")["metadata"]["uid"]
+
+    os.kill(first["pid"], 9)  # a crash
+    qmp_command(worker.vms_dir / once_uid / "qmp.sock", "system_powerdown")  # the guest powers off
+    st = fleet.wait_phase("mayfly", "Succeeded", timeout=60, avoid=("Failed",))
+    assert st["finishedAt"] and "pid" not in st
+    fleet.wait_event("mayfly", "Succeeded")
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = fleet.status("phoenix")
+        if st.get("phase") == "Running" and st.get("pid") != first["pid"]:
+            break
+        time.sleep(0.2)
+    assert st["phase"] == "Running" and st["pid"] != first["pid"], st
+    uid = fleet.get("phoenix")["metadata"]["uid"]
+    assert vmm_pids(worker.state_dir, uid) == [st["pid"]]
+    assert json.loads((worker.vms_dir / uid / "meta.json").read_text())["crashes"] == 1
+    assert any(e.reason == "VMMExited" and e.type == "Warning" for e in fleet.events("phoenix"))
+    # the Once VM stays finished
+    time.sleep(3)
+    assert fleet.status("mayfly")["phase"] == "Succeeded"
+    assert vmm_pids(worker.state_dir, once_uid) == []

@@ -1,0 +1,283 @@
+"""The worker's tasks against a real API server and a real Redis, with a real `mikrom worker`
+process running as the `mikrom-worker` ServiceAccount (deploy/rbac/worker.yaml).
+
+No VM boots here (the e2e tests do that): the VMs are `runStrategy: Halted`, unplaced, placed on
+another node, or stale, which exercises routing, forwarding, idempotency and the lock. The test plays
+the operator's part where one is needed (placing a VM means setting `status.node`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+from harness.worker_proc import celery_client, make_worker, netns_create, netns_delete, worker_kubeconfig  # noqa: F401
+from kubernetes import client
+
+from mikrom import broker, names
+from mikrom.worker.locks import NodeLocks
+
+GROUP, VERSION = names.GROUP, names.VERSION
+
+
+@pytest.fixture
+def netns():
+    name = netns_create()
+    yield name
+    netns_delete(name)
+
+
+@pytest.fixture
+def worker(make_worker, netns):
+    return make_worker(netns=netns, sync_interval_seconds=300)
+
+
+@pytest.fixture
+def custom(kube_api):
+    return client.CustomObjectsApi(kube_api)
+
+
+def make_vm(custom, namespace: str, name: str, node: str | None, strategy: str = "Halted", **spec) -> dict:
+    body = {"apiVersion": names.API_VERSION, "kind": "MicroVM", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"vcpus": 1, "memoryMiB": 128, "runStrategy": strategy,
+                     "image": {"kernel": {"path": "vmlinuz"}, "initrd": {"path": "initrd.img"}}, **spec}}
+    vm = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, body)
+    if node:
+        vm = custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, names.MICROVMS, name,
+                                                          {"status": {"node": node, "phase": "Scheduled"}})
+    return vm
+
+
+def get_vm(custom, namespace, name):
+    return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, name)
+
+
+def ref(vm: dict, intent: str = "create") -> dict:
+    m = vm["metadata"]
+    return {"namespace": m["namespace"], "name": m["name"], "uid": m["uid"], "intent": intent}
+
+
+def events_for(kube_api, namespace: str, name: str, reason: str | None = None) -> list:
+    items = client.CoreV1Api(kube_api).list_namespaced_event(namespace).items
+    return [e for e in items if e.involved_object.name == name and (reason is None or e.reason == reason)]
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last}")
+
+
+def test_inspect_registered_lists_the_guides_five_task_names(worker):
+    res = worker.celery("inspect", "registered", "-d", f"mikrom@{worker.node}", "--timeout", "10")
+    assert res.returncode == 0, res.stderr
+    for task in names.VM_TASKS:
+        assert f"* {task}" in res.stdout, res.stdout
+    assert "* mikrom.worker.tasks.sync_vm_status" in res.stdout
+
+
+def test_the_worker_registers_its_node_and_keeps_it_heartbeating(worker, custom):
+    first = wait_for(lambda: custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)
+                     .get("status", {}).get("lastHeartbeatTime"), 20, "a heartbeat")
+    status = custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)["status"]
+    assert status["capacity"]["vcpus"] >= 1 and status["capacity"]["memoryMiB"] > 0
+    assert "qemu" in status["vmms"] and status["defaultVmm"] in status["vmms"]
+    assert status["kvm"] in (True, False) and status["workerVersion"]
+    wait_for(lambda: custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)
+             ["status"]["lastHeartbeatTime"] != first, 10, "the next heartbeat")
+
+
+def test_a_halted_vm_is_reported_stopped_with_ready_false_and_an_event(worker, custom, kube_api, namespace,
+                                                                       celery_client):
+    vm = make_vm(custom, namespace, "quiet", worker.node)
+    result = celery_client.send_task(names.CREATE_VM, kwargs=ref(vm), queue=names.node_queue(worker.node))
+    assert result.get(timeout=30)["outcome"] == "stopped"
+    status = get_vm(custom, namespace, "quiet")["status"]
+    assert status["phase"] == "Stopped" and status["observedGeneration"] == 1
+    ready = [c for c in status["conditions"] if c["type"] == "Ready"][0]
+    assert ready["status"] == "False" and ready["reason"] == "Stopped"
+    assert status["node"] == worker.node  # the operator's field is untouched
+    assert len(events_for(kube_api, namespace, "quiet", "Stopped")) == 1
+
+
+def test_twenty_duplicate_messages_have_the_effect_of_one(worker, custom, kube_api, namespace, celery_client):
+    vm = make_vm(custom, namespace, "dup", worker.node)
+    results = [celery_client.send_task(names.CREATE_VM, kwargs=ref(vm), queue=names.node_queue(worker.node))
+               for _ in range(20)]
+    outcomes = [r.get(timeout=60)["outcome"] for r in results]
+    assert outcomes == ["stopped"] * 20
+    assert len(events_for(kube_api, namespace, "dup", "Stopped")) == 1
+    assert len(events_for(kube_api, namespace, "dup")) == 1
+
+
+def test_a_message_on_the_default_queue_is_forwarded_to_the_vms_node(worker, custom, namespace, celery_client,
+                                                                    redis):
+    other = "elsewhere-" + uuid.uuid4().hex[:6]
+    vm = make_vm(custom, namespace, "far", other)
+    result = celery_client.send_task(names.START_VM, kwargs=ref(vm, "start"), queue=names.DEFAULT_QUEUE)
+    assert result.get(timeout=30)["outcome"] == f"forwarded to {other}"
+    r = broker.client(redis.url(db=6))
+    raw = r.lrange(names.node_queue(other), 0, -1)
+    assert len(raw) == 1
+    message = json.loads(raw[0])
+    assert message["headers"]["task"] == names.START_VM
+    args, kwargs, _ = json.loads(__import__("base64").b64decode(message["body"]))
+    # the forwarded body is still a reference only, never a spec
+    assert args == [] and kwargs == ref(vm, "start")
+    assert "status" not in get_vm(custom, namespace, "far") or get_vm(custom, namespace, "far")["status"].get(
+        "phase") == "Scheduled"
+
+
+def test_the_task_api_of_the_guide_forwards_from_the_default_queue(worker, custom, namespace, redis):
+    # `from mikrom.worker.tasks import create_vm_task; create_vm_task.delay(...)` as in the guide
+    import subprocess
+    import sys
+
+    other = "elsewhere-" + uuid.uuid4().hex[:6]
+    vm = make_vm(custom, namespace, "typed", other)
+    code = ("from mikrom.worker.tasks import create_vm_task; import sys; "
+            f"r = create_vm_task.delay(**{ref(vm)!r}); print(r.get(timeout=30)['outcome'])")
+    res = subprocess.run([sys.executable, "-c", code], env=worker.env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"forwarded to {other}"
+    assert broker.client(redis.url(db=6)).llen(names.node_queue(other)) == 1
+
+
+def test_a_message_for_an_unplaced_vm_is_dropped(worker, custom, namespace, celery_client):
+    vm = make_vm(custom, namespace, "pending", None)
+    result = celery_client.send_task(names.CREATE_VM, kwargs=ref(vm), queue=names.DEFAULT_QUEUE)
+    assert result.get(timeout=30)["outcome"].startswith("dropped")
+    assert not get_vm(custom, namespace, "pending").get("status")
+
+
+def test_a_stale_message_for_a_recreated_namesake_does_nothing(worker, custom, namespace, celery_client):
+    old = make_vm(custom, namespace, "again", worker.node)
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, "again")
+    new = make_vm(custom, namespace, "again", worker.node, strategy="Always")
+    result = celery_client.send_task(names.CREATE_VM, kwargs=ref(old), queue=names.node_queue(worker.node))
+    assert result.get(timeout=30)["outcome"] == "gone"
+    status = get_vm(custom, namespace, "again")["status"]
+    assert status["phase"] == "Scheduled" and get_vm(custom, namespace, "again")["metadata"]["uid"] == \
+        new["metadata"]["uid"]
+
+
+def test_a_vm_assigned_to_another_node_is_not_touched_by_this_one(worker, custom, namespace, celery_client):
+    vm = make_vm(custom, namespace, "notmine", "other-" + uuid.uuid4().hex[:6])
+    result = celery_client.send_task(names.STOP_VM, kwargs=ref(vm, "stop"), queue=names.node_queue(worker.node))
+    assert "nothing to do" in result.get(timeout=30)["outcome"]
+    assert get_vm(custom, namespace, "notmine")["status"]["phase"] == "Scheduled"
+
+
+def test_malformed_and_positional_messages_are_rejected_without_retries(worker, celery_client):
+    bad = celery_client.send_task(names.CREATE_VM, args=[1, 2, 2048, None, None], queue=names.node_queue(worker.node))
+    assert bad.get(timeout=30)["outcome"] == "rejected"
+    forged = celery_client.send_task(names.CREATE_VM, kwargs={"namespace": "a", "name": "b", "uid": "c",
+                                                              "kernel_path": "/etc/shadow"},
+                                     queue=names.node_queue(worker.node))
+    assert forged.get(timeout=30)["outcome"] == "rejected"
+
+
+def test_a_task_waits_for_the_vm_lock_held_by_another_process(worker, custom, namespace, celery_client):
+    vm = make_vm(custom, namespace, "locked", worker.node)
+    uid = vm["metadata"]["uid"]
+    with NodeLocks(worker.state_dir / "locks").hold(uid, timeout=5):
+        result = celery_client.send_task(names.STOP_VM, kwargs=ref(vm, "stop"), queue=names.node_queue(worker.node))
+        time.sleep(3)
+        assert not result.ready()
+        assert "phase" not in get_vm(custom, namespace, "locked")["status"] or \
+            get_vm(custom, namespace, "locked")["status"]["phase"] == "Scheduled"
+    assert result.get(timeout=30)["outcome"] == "stopped"
+
+
+def test_delete_confirms_with_cleaned_up_at(worker, custom, kube_api, namespace, celery_client):
+    vm = make_vm(custom, namespace, "bye", worker.node)
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, "bye",
+                                          {"metadata": {"finalizers": [names.FINALIZER]}})
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, "bye")
+    result = celery_client.send_task(names.DELETE_VM, kwargs=ref(vm, "delete"), queue=names.node_queue(worker.node))
+    assert result.get(timeout=30)["outcome"] == "deleted"
+    status = get_vm(custom, namespace, "bye")["status"]
+    assert status["cleanedUpAt"]
+    assert len(events_for(kube_api, namespace, "bye", "CleanedUp")) == 1
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, "bye",
+                                          {"metadata": {"finalizers": []}})
+
+
+def test_the_broadcast_sync_reports_vms_without_any_vm_task(worker, custom, namespace, celery_client):
+    make_vm(custom, namespace, "synced", worker.node)
+    broadcast_until(celery_client, names.SYNC_VM_STATUS, {},
+                    lambda: (get_vm(custom, namespace, "synced").get("status") or {}).get("phase") == "Stopped",
+                    30, "the broadcast sync to report the VM Stopped")
+    # the worker's own periodic sync is 300 s away: the broadcast task did it
+    assert f"Task {names.SYNC_VM_STATUS}[" in worker.log_text()
+
+
+def broadcast_until(app, task: str, kwargs: dict, check, timeout: float, what: str) -> None:
+    """Send a broadcast task until `check` holds. Redis fanout is pub/sub: a worker that has only
+    just started may not have subscribed yet, and beat simply sends again next period."""
+    deadline = time.monotonic() + timeout
+    while True:
+        app.send_task(task, kwargs=kwargs)
+        try:
+            wait_for(check, 3, what)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def test_cleanup_deletes_finished_vms_past_their_ttl_and_removes_orphan_directories(worker, custom, namespace,
+                                                                                    celery_client):
+    vm = make_vm(custom, namespace, "done", worker.node, strategy="Once", ttlSecondsAfterFinished=0)
+    custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, names.MICROVMS, "done", {"status": {
+        "phase": "Succeeded", "finishedAt": "2024-01-01T00:00:00Z"}})
+    orphan = worker.vms_dir / str(uuid.uuid4())
+    orphan.mkdir(parents=True)
+    (orphan / "console.log").write_text("left behind\n")
+    # broadcast: the sender has no single result to wait on, so watch the effects
+    broadcast_until(celery_client, names.CLEANUP_OLD_VMS, {"orphan_min_age_seconds": 0},
+                    lambda: not orphan.exists() and _gone(custom, namespace, "done"), 30,
+                    "the orphan directory and the expired MicroVM to go")
+    assert vm["metadata"]["uid"]
+
+
+def _gone(custom, namespace, name) -> bool:
+    try:
+        get_vm(custom, namespace, name)
+    except client.ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def test_generate_report_writes_the_fleet_configmap_under_the_workers_rbac(worker, custom, namespace, kube_api,
+                                                                         celery_client):
+    make_vm(custom, namespace, "counted", worker.node)
+    out = celery_client.send_task(names.GENERATE_REPORT).get(timeout=30)
+    assert out["configMap"] == "mikrom-fleet-report" and out["namespace"] == "mikrom"
+    cm = client.CoreV1Api(kube_api).read_namespaced_config_map("mikrom-fleet-report", "mikrom")
+    report = json.loads(cm.data["report.json"])
+    assert report["vmCount"] >= 1 and "summary.txt" in cm.data
+
+
+def test_health_check_reports_heartbeat_and_queue_depth(worker, celery_client):
+    out = celery_client.send_task(names.HEALTH_CHECK, queue=names.node_queue(worker.node)).get(timeout=30)
+    assert out["node"] == worker.node and out["problems"] == []
+    assert names.node_queue(worker.node) in out["queueDepth"]
+
+
+def test_the_workers_service_account_cannot_change_specs_or_touch_secrets(control_plane, worker_kubeconfig):
+    sa = "system:serviceaccount:mikrom:mikrom-worker"
+    can = lambda *a: control_plane.kubectl("auth", "can-i", *a, f"--as={sa}", check=False).stdout.strip()  # noqa: E731
+    assert can("patch", "microvms.mikrom.io", "--subresource=status", "-n", "default") == "yes"
+    assert can("delete", "microvms.mikrom.io", "-n", "default") == "yes"  # ttlSecondsAfterFinished
+    assert can("create", "microvmnodes.mikrom.io") == "yes"
+    assert can("patch", "microvms.mikrom.io", "-n", "default") == "no"
+    assert can("get", "secrets", "-n", "mikrom") == "no"
+    assert can("patch", "ippools.mikrom.io") == "no"

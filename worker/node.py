@@ -1,0 +1,182 @@
+"""This node's `MicroVMNode`: registration, heartbeats, self-fencing and the periodic local sync.
+
+Started from the worker's startup signal (see tasks.py) as two background loops. Under the gevent
+worker `threading` is monkey-patched, so these are greenlets; every call they make has a timeout.
+
+- Heartbeat: every `heartbeat_seconds` the worker patches its MicroVMNode status (capacity,
+  VMMs, KVM, `lastHeartbeatTime`). A worker that cannot renew it for `self_fence_after_seconds`
+  stops its own VMs, so the operator may safely recreate them elsewhere once the node is lost.
+- Sync: right after start (adopting the VMs a previous worker left running) and then every
+  `sync_interval_seconds`, or at once when the heartbeat comes back after a gap or finds the node
+  marked NotReady (its VMs were reported Unknown and must be re-reported).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from kubernetes.client.rest import ApiException
+
+import mikrom
+from mikrom import conditions, kube, names
+
+from . import maintenance, vmm
+from .state import local_uids
+
+log = logging.getLogger(__name__)
+
+MEMORY_SHARE = 0.9
+FENCE_STOP_TIMEOUT = 5.0
+
+
+def host_capacity(vcpus: int = 0, memory_mib: int = 0) -> dict:
+    """What the node offers: the settings when given, else the host's CPUs and 90% of its memory."""
+    if not vcpus:
+        vcpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not memory_mib:
+        total_kib = 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total_kib = int(line.split()[1])
+                    break
+        memory_mib = int(total_kib / 1024 * MEMORY_SHARE)
+    return {"vcpus": int(vcpus), "memoryMiB": int(memory_mib)}
+
+
+def should_fence(last_ok: float, now: float, fence_after: float) -> bool:
+    return fence_after > 0 and now - last_ok > fence_after
+
+
+class NodeAgent:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.node = ctx.node
+        self.cidr: str | None = None
+        self.last_ok = time.monotonic()
+        self.fenced = False
+        self.heartbeats = 0
+        self._was_ready: bool | None = None
+        self.sync_wanted = threading.Event()
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------------------ API
+
+    def labels(self) -> dict:
+        return {names.LABEL_KVM: "true" if vmm.kvm_status()[0] else "false"}
+
+    def status(self) -> dict:
+        runtime = self.ctx.runtime
+        return {
+            "capacity": host_capacity(self.settings.capacity_vcpus, self.settings.capacity_memory_mib),
+            "vmms": runtime.available_vmms(),
+            "defaultVmm": runtime.default_vmm(),
+            "kvm": vmm.kvm_status()[0],
+            "lastHeartbeatTime": conditions.now(),
+            "workerVersion": mikrom.__version__,
+        }
+
+    def register(self) -> dict:
+        """Create this node's MicroVMNode if it is missing, label it, and heartbeat once."""
+        body = {"apiVersion": names.API_VERSION, "kind": "MicroVMNode",
+                "metadata": {"name": self.node, "labels": self.labels()}, "spec": {"schedulable": True}}
+        try:
+            kube.custom().create_cluster_custom_object(names.GROUP, names.VERSION, names.MICROVMNODES, body,
+                                                       _request_timeout=kube.TIMEOUT)
+            log.info("registered MicroVMNode %s", self.node)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            kube.custom().patch_cluster_custom_object(names.GROUP, names.VERSION, names.MICROVMNODES, self.node,
+                                                      {"metadata": {"labels": self.labels()}},
+                                                      _request_timeout=kube.TIMEOUT)
+        return self.heartbeat()
+
+    def heartbeat(self) -> dict:
+        node = kube.patch_node_status(self.node, self.status())
+        if node is None:  # deleted under us: register again
+            return self.register()
+        self.cidr = (node.get("spec") or {}).get("cidr") or self.cidr
+        return node
+
+    def node_cidr(self) -> str | None:
+        """The node's address block; read again while the operator has not assigned one."""
+        if not self.cidr:
+            node = kube.get_node(self.node)
+            self.cidr = ((node or {}).get("spec") or {}).get("cidr")
+        return self.cidr
+
+    # ------------------------------------------------------------------------------ loops
+
+    def start(self) -> None:
+        for target, name in ((self._heartbeat_loop, "mikrom-heartbeat"), (self._sync_loop, "mikrom-sync")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.sync_wanted.set()
+
+    def _heartbeat_loop(self) -> None:
+        registered = False
+        while not self.stopping.is_set():
+            gap = False
+            try:
+                node = self.heartbeat() if registered else self.register()
+                registered = True
+                gap = self.fenced or time.monotonic() - self.last_ok > 2.5 * self.settings.heartbeat_seconds
+                self.last_ok = time.monotonic()
+                self.heartbeats += 1
+                if self.fenced:
+                    log.warning("heartbeat renewed after self-fencing; VMs still assigned here start again")
+                    self.fenced = False
+                ready = conditions.is_true((node.get("status") or {}).get("conditions"), names.READY)
+                if gap or (ready and self._was_ready is False):
+                    # back from a gap, or the operator saw the node again after calling it lost:
+                    # its VMs are Unknown until we report them
+                    self.sync_wanted.set()
+                self._was_ready = ready
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any API failure
+                log.warning("heartbeat of %s failed: %s", self.node, exc)
+                if not self.fenced and should_fence(self.last_ok, time.monotonic(),
+                                                    self.settings.self_fence_after_seconds):
+                    self.fence()
+            self.stopping.wait(self.settings.heartbeat_seconds)
+
+    def _sync_loop(self) -> None:
+        first = True
+        while not self.stopping.is_set():
+            try:
+                summary = maintenance.sync_node(self.ctx, lock_timeout=0.5 if not first else 30.0)
+                if first:
+                    log.info("startup sync (adoption) of %s: %s", self.node, summary)
+                first = False
+            except Exception as exc:  # noqa: BLE001
+                log.warning("sync of %s failed: %s", self.node, exc)
+            self.sync_wanted.wait(self.settings.sync_interval_seconds)
+            self.sync_wanted.clear()
+
+    def fence(self) -> None:
+        """Stop every VM on this node: the API server has not heard from us for too long, so the
+        operator may already be recreating them elsewhere."""
+        self.fenced = True
+        runtime = self.ctx.runtime
+        uids = local_uids(runtime.vms_dir)
+        log.error("no heartbeat for %.0fs: self-fencing, stopping %d VM(s)", self.settings.self_fence_after_seconds,
+                  len(uids))
+        for uid in uids:
+            local = runtime.local(uid)
+            if local.pid() is None:
+                continue
+            try:
+                with self.ctx.locks.hold(uid, timeout=self.settings.stop_timeout_seconds):
+                    local.update_meta(desiredStop=True, fenced=True)
+                    runtime.stop(local, timeout=FENCE_STOP_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - fence the others anyway
+                log.error("self-fencing could not stop %s: %s", uid, exc)

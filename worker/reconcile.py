@@ -1,0 +1,310 @@
+"""The node-side "make it so" for one VM.
+
+`decide()` is pure: from the MicroVM (desired state and what status says) and the node's
+`Observation` (state directory and live process) it picks one action. `Reconciler` carries the
+action out with the runtime and reports through the status writer. Every task and the periodic
+sync end up here, under the VM's lock, so a duplicated or stale message does no harm: the object is
+re-read and the node is compared with it, whatever the message's intent said.
+
+Run strategies (as KubeVirt's): Always restarts a VM whenever it stops; RerunOnFailure restarts
+it unless the guest powered off cleanly (then Succeeded); Once never restarts (Succeeded or
+Failed); Halted keeps it stopped. Restarts after a crash back off exponentially.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+import logging
+import time
+from dataclasses import dataclass
+
+from mikrom import kube, names
+from mikrom.names import Phase, RunStrategy
+
+from . import images, ipalloc, runtime as rt, vmm
+from .state import LocalVM, Observation
+
+log = logging.getLogger(__name__)
+
+PERMANENT_REASONS = frozenset({names.INVALID_SPEC, names.CHECKSUM_MISMATCH, "ImageTooLarge", "VMMUnavailable"})
+"""Failures that repeating cannot fix: sticky until the spec (generation) or restartedAt changes."""
+PERMANENT_ERRORS = (images.ImageRefused, images.ChecksumMismatch, images.ImageTooLarge, rt.VMMUnavailable)
+RESTART_BACKOFF_BASE = 5.0
+RESTART_BACKOFF_CAP = 300.0
+CRASH_RESET_AFTER = 600.0
+"""A run that lasted this long resets the crash counter (and so the backoff)."""
+
+
+class VMGone(Exception):
+    """The MicroVM was deleted, or replaced by a namesake, while the node worked on it."""
+
+
+class Action(str, enum.Enum):
+    START = "start"
+    RESTART = "restart"
+    STOP = "stop"
+    WAIT_READY = "wait-ready"
+    REPORT_RUNNING = "report-running"
+    REPORT_STOPPED = "report-stopped"
+    FINISH = "finish"
+    BACKOFF = "backoff"
+    NOTHING = "nothing"
+
+
+@dataclass
+class Decision:
+    action: Action
+    delay: float = 0.0
+    why: str = ""
+
+
+def restart_delay(crashes: int) -> float:
+    """Seconds to wait before restarting after the `crashes`-th consecutive unplanned exit."""
+    if crashes <= 0:
+        return 0.0
+    return min(RESTART_BACKOFF_CAP, RESTART_BACKOFF_BASE * 2 ** (crashes - 1))
+
+
+def restart_annotation(vm: dict) -> str | None:
+    return (vm.get("metadata", {}).get("annotations") or {}).get(names.ANNOTATION_RESTARTED_AT)
+
+
+def decide(vm: dict, obs: Observation, now: float) -> Decision:
+    spec = vm.get("spec") or {}
+    status = vm.get("status") or {}
+    strategy = spec.get("runStrategy") or RunStrategy.ALWAYS.value
+    wanted_restart = restart_annotation(vm)
+    acted_restart = status.get("restartedAt") or obs.meta.get("restartedAt")
+    restart_pending = bool(wanted_restart) and wanted_restart != acted_restart
+
+    if strategy == RunStrategy.HALTED.value:
+        return Decision(Action.STOP if obs.running else Action.REPORT_STOPPED, why="runStrategy Halted")
+    if obs.running:
+        if restart_pending:
+            return Decision(Action.RESTART, why=f"{names.ANNOTATION_RESTARTED_AT} is {wanted_restart}")
+        return Decision(Action.REPORT_RUNNING if obs.ready else Action.WAIT_READY)
+    if (status.get("phase") == Phase.FAILED.value and status.get("reason") in PERMANENT_REASONS
+            and status.get("observedGeneration") == vm["metadata"].get("generation") and not restart_pending):
+        return Decision(Action.NOTHING, why=f"failed permanently ({status.get('reason')}) for this generation")
+    if obs.exited and not obs.meta.get("desiredStop"):
+        if strategy == RunStrategy.ONCE.value or (strategy == RunStrategy.RERUN_ON_FAILURE.value and obs.exit_clean):
+            return Decision(Action.FINISH, why=f"runStrategy {strategy}")
+        if not restart_pending:
+            wait = restart_delay(int(obs.meta.get("crashes", 0))) - (now - (obs.exit_at or now))
+            if wait > 0:
+                return Decision(Action.BACKOFF, delay=wait, why=f"crash {obs.meta.get('crashes', 0)}")
+        return Decision(Action.START, why=f"runStrategy {strategy} after the VMM exited")
+    if (strategy == RunStrategy.ONCE.value and status.get("phase") in (Phase.SUCCEEDED.value, Phase.FAILED.value)
+            and status.get("finishedAt") and not restart_pending):
+        return Decision(Action.NOTHING, why="runStrategy Once has run")
+    return Decision(Action.START, why="no VMM runs")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Reconciler:
+    """Carries out decisions for the VMs assigned to this node (see WorkerContext)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.runtime: rt.Runtime = ctx.runtime
+        self.writer = ctx.writer
+
+    # ------------------------------------------------------------------------------ entry points
+
+    def reconcile(self, namespace: str, name: str, uid: str) -> str:
+        """Make the node match MicroVM namespace/name (if it is still object `uid`)."""
+        vm = kube.get_vm(namespace, name)
+        if vm is None or vm["metadata"]["uid"] != uid:
+            return "gone; removed what this node held" if self.runtime.teardown(uid) else "gone"
+        return self.reconcile_object(vm)
+
+    def reconcile_object(self, vm: dict) -> str:
+        uid = vm["metadata"]["uid"]
+        status = vm.get("status") or {}
+        if status.get("node") != self.ctx.node:
+            if self.runtime.teardown(uid):
+                return f"assigned to {status.get('node') or 'no node'}; removed what this node held"
+            return f"assigned to {status.get('node') or 'no node'}; nothing to do"
+        try:
+            if vm["metadata"].get("deletionTimestamp"):
+                return self._delete(vm)
+            local = self.runtime.local(uid)
+            obs = self._record_exit(local, local.observe())
+            decision = decide(vm, obs, time.time())
+            log.info("%s/%s (%s): %s %s", vm["metadata"]["namespace"], vm["metadata"]["name"], uid,
+                     decision.action.value, decision.why)
+            handler = getattr(self, "_" + decision.action.value.replace("-", "_"))
+            return handler(vm, local, obs, decision) or decision.action.value
+        except VMGone:
+            # deleted (or replaced by a namesake) while we worked on it: leave nothing behind
+            self.runtime.teardown(uid)
+            return "gone; removed what this node held"
+
+    # ------------------------------------------------------------------------------ actions
+
+    def _start(self, vm, local: LocalVM, obs: Observation, decision: Decision, event_reason: str | None = None):
+        spec = vm["spec"]
+        vmm_name = spec.get("vmm") or self.runtime.default_vmm()
+        try:
+            self.runtime.driver(vmm_name)
+            imgs = self.runtime.resolve_images(spec.get("image") or {})
+        except PERMANENT_ERRORS as exc:
+            return self._fail(vm, local, exc.reason, str(exc), terminal=True)
+        except images.ImageNotFound as exc:
+            return self._fail(vm, local, exc.reason, str(exc))
+        except images.ImageDownloadFailed as exc:
+            self._fail(vm, local, exc.reason, f"{exc}; retrying")
+            raise
+        vm = self._write(vm, Phase.PROVISIONING.value, "Provisioning", f"starting on {self.ctx.node}",
+                         {"vmm": vmm_name})
+        local.update_meta(namespace=vm["metadata"]["namespace"], name=vm["metadata"]["name"], uid=local.uid,
+                          vmm=vmm_name, desiredStop=False, fenced=False,
+                          createdAt=local.read_meta().get("createdAt") or time.time(),
+                          restartedAt=restart_annotation(vm))
+        address = None
+        if spec.get("network"):
+            cidr = self.ctx.node_cidr()
+            try:
+                address = self.runtime.allocate_address(local, cidr, (vm.get("status") or {}).get("ipAddress"))
+            except ipalloc.BlockExhausted as exc:
+                return self._fail(vm, local, exc.reason, str(exc))
+            self.runtime.ensure_network(cidr, address)
+        try:
+            vmspec = self.runtime.build_spec(local, vm, imgs, address)
+            pid = self.runtime.launch(local, vmspec, vmm_name)
+        except vmm.VMMStartFailed as exc:
+            local.update_meta(lastReason=exc.reason)
+            return self._fail(vm, local, exc.reason, str(exc))
+        vm = self._write(vm, Phase.PROVISIONING.value, "Booting", f"booting (pid {pid})",
+                         self._identity(vmm_name, address, pid))
+        return self._await_ready(vm, local, event_reason)
+
+    def _restart(self, vm, local, obs, decision):
+        vm = self._write(vm, Phase.STOPPING.value, "Restarting", decision.why, {})
+        local.update_meta(desiredStop=True)
+        self.runtime.stop(local)
+        return self._start(vm, local, local.observe(), decision, event_reason="Restarted")
+
+    def _wait_ready(self, vm, local, obs, decision):
+        return self._await_ready(vm, local, "Adopted")
+
+    def _report_running(self, vm, local, obs, decision):
+        self._running(vm, local, obs, event_reason="Adopted")
+        return "running"
+
+    def _stop(self, vm, local, obs, decision):
+        vm = self._write(vm, Phase.STOPPING.value, "Stopping", decision.why, {})
+        local.update_meta(desiredStop=True)
+        self.runtime.stop(local)
+        return self._report_stopped(vm, local, obs, decision)
+
+    def _report_stopped(self, vm, local, obs, decision):
+        self._write(vm, Phase.STOPPED.value, "Stopped", "stopped (runStrategy Halted)", {"pid": None})
+        return "stopped"
+
+    def _finish(self, vm, local, obs, decision):
+        fields = {"pid": None, "finishedAt": (vm.get("status") or {}).get("finishedAt") or iso(obs.exit_at)}
+        if obs.exit_clean:
+            self._write(vm, Phase.SUCCEEDED.value, "GuestPoweredOff", "the guest powered off", fields)
+            return "succeeded"
+        reason = obs.meta.get("lastReason") or names.VMM_EXITED
+        self._write(vm, Phase.FAILED.value, reason, _exit_message(local), fields)
+        return "failed"
+
+    def _backoff(self, vm, local, obs, decision):
+        reason = obs.meta.get("lastReason") or names.VMM_EXITED
+        self._write(vm, Phase.FAILED.value, reason,
+                    f"{_exit_message(local)}; restarting in {decision.delay:.0f}s (crash {obs.meta.get('crashes')})",
+                    {"pid": None})
+        if obs.meta.get("restartScheduled") != obs.started_at:  # once per crash, not once per sync
+            self.ctx.schedule_restart(vm, decision.delay)
+            local.update_meta(restartScheduled=obs.started_at)
+        return f"backing off {decision.delay:.0f}s"
+
+    def _nothing(self, vm, local, obs, decision):
+        return "nothing to do"
+
+    def _delete(self, vm) -> str:
+        self.runtime.teardown(vm["metadata"]["uid"])
+        if not (vm.get("status") or {}).get("cleanedUpAt"):
+            self._write(vm, None, None, None, {"cleanedUpAt": iso(time.time()), "pid": None},
+                        ready=(False, "Deleted", "the VM, its tap and its files are gone"),
+                        event=("Normal", "CleanedUp", "the VM, its tap and its files are gone"))
+        return "deleted"
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _await_ready(self, vm, local: LocalVM, event_reason: str | None):
+        try:
+            self.runtime.wait_ready(local)
+        except vmm.BootTimeout as exc:
+            local.update_meta(lastReason=exc.reason)
+            self.runtime.stop(local, timeout=0)
+            return self._fail(vm, local, exc.reason, _first_line(exc))
+        except vmm.VMMExited as exc:
+            local.update_meta(lastReason=exc.reason)
+            return self._fail(vm, local, exc.reason, _first_line(exc))
+        self._running(vm, local, local.observe(), event_reason)
+        return "running"
+
+    def _running(self, vm, local: LocalVM, obs: Observation, event_reason: str | None):
+        meta = obs.meta
+        address = rt.Address(ip=meta["ip"], prefix=meta["prefix"], gateway=meta["gateway"], mac=meta["mac"],
+                             tap=meta["tap"]) if meta.get("ip") else None
+        fields = self._identity(meta.get("vmm"), address, obs.pid)
+        started = vmm.spec_from_state(local.dir)  # the shape the VMM really has, whatever the spec says now
+        fields.update(startedAt=iso(obs.started_at), bootSeconds=obs.boot_seconds, finishedAt=None,
+                      restartedAt=meta.get("restartedAt"),
+                      activeShape={"vcpus": started.vcpus, "memoryMiB": started.memory_mib})
+        if meta.get("lastReason"):
+            local.update_meta(lastReason=None)
+        ip = f" at {address.ip}" if address else ""
+        self._write(vm, Phase.RUNNING.value, "Running",
+                    f"running{ip} (pid {obs.pid}, booted in {obs.boot_seconds}s)", fields, event_reason=event_reason)
+
+    @staticmethod
+    def _identity(vmm_name, address, pid) -> dict:
+        return {"vmm": vmm_name, "pid": pid, "ipAddress": address.ip if address else None,
+                "macAddress": address.mac if address else None}
+
+    def _fail(self, vm, local: LocalVM, reason: str, message: str, terminal: bool = False):
+        fields = {"pid": None}
+        if terminal:
+            fields["finishedAt"] = (vm.get("status") or {}).get("finishedAt") or iso(time.time())
+            if local.exists() and not local.observe().configured:
+                local.remove()  # nothing ever ran: leave nothing behind
+        self._write(vm, Phase.FAILED.value, reason, message, fields)
+        return f"failed: {reason}"
+
+    def _write(self, vm, phase, reason, message, fields, **kw) -> dict:
+        """Report through the status writer; the object as written, or VMGone."""
+        written = self.writer.report(vm, phase=phase, reason=reason, message=message, fields=fields, **kw)
+        if written is None:
+            raise VMGone(f"{vm['metadata']['namespace']}/{vm['metadata']['name']} ({vm['metadata']['uid']})")
+        return written
+
+    def _record_exit(self, local: LocalVM, obs: Observation) -> Observation:
+        """Count an unplanned exit once (by the run's start time), for the restart backoff."""
+        if not obs.exited or obs.meta.get("desiredStop") or obs.meta.get("exitSeen") == obs.started_at:
+            return obs
+        ran = (obs.exit_at or time.time()) - (obs.started_at or 0)
+        crashes = 1 if ran >= CRASH_RESET_AFTER else int(obs.meta.get("crashes", 0)) + 1
+        obs.meta = local.update_meta(crashes=crashes, exitSeen=obs.started_at,
+                                     lastReason=obs.meta.get("lastReason") or names.VMM_EXITED)
+        return obs
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _exit_message(local: LocalVM) -> str:
+    tail = [line for line in vmm.console_tail(local.dir, 1024).splitlines() if line.strip()]
+    last = f"; console: {tail[-1][:200]}" if tail else ""
+    return f"the VMM exited{last}"

@@ -1,0 +1,240 @@
+"""The node's hands: images, addresses, network devices and VMM processes for one VM.
+
+Each method is a step of "make it so" and is safe to repeat after a crash: it looks at what is
+already there (the cache, meta.json, the tap, the pid file) before it creates anything. The order
+inside `prepare` is deliberate: images are resolved and verified before the VM's directory, address
+or tap exist, so a refused or corrupt image leaves nothing behind on the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mikrom.settings import Settings
+
+from . import images, ipalloc, netdev, vmm
+from .locks import NodeLocks
+from .state import LocalVM, valid_uid, vmm_processes
+
+log = logging.getLogger(__name__)
+
+ADDRESS_LOCK = "node-addresses"
+NETWORK_LOCK = "node-network"
+STRAY_GRACE_SECONDS = 3.0
+MAX_UNIX_SOCKET_PATH = 107
+"""sun_path holds 108 bytes including the terminating NUL."""
+
+
+class VMMUnavailable(Exception):
+    """The MicroVM asks for a VMM this node cannot run."""
+
+    reason = "VMMUnavailable"
+
+
+@dataclass
+class Images:
+    kernel: str
+    initrd: str | None
+    rootfs_source: str | None
+
+
+@dataclass
+class Address:
+    ip: str
+    prefix: int
+    gateway: str
+    mac: str
+    tap: str
+
+
+class Runtime:
+    def __init__(self, settings: Settings, locks: NodeLocks):
+        self.settings = settings
+        self.locks = locks
+        self.vms_dir = Path(settings.state_dir) / "vms"
+        self.cache_dir = Path(settings.state_dir) / "images"
+        self.netns = settings.netns or None
+        self._available: list[str] | None = None
+        self._bridges: set[tuple[str, str]] = set()
+
+    def local(self, uid: str) -> LocalVM:
+        return LocalVM(self.vms_dir, uid)
+
+    # ------------------------------------------------------------------------------ VMMs
+
+    def available_vmms(self) -> list[str]:
+        if self._available is None:
+            self._available = vmm.available_drivers()
+        return self._available
+
+    def default_vmm(self) -> str:
+        if self.settings.default_vmm:
+            return self.settings.default_vmm
+        return "firecracker" if "firecracker" in self.available_vmms() else "qemu"
+
+    def driver(self, name: str) -> vmm.Driver:
+        if name not in self.available_vmms():
+            raise VMMUnavailable(f"spec.vmm: {name} cannot run on this node (available: "
+                                 f"{', '.join(self.available_vmms()) or 'none'})")
+        return vmm.get_driver(name, console_max_bytes=self.settings.console_max_bytes)
+
+    # ------------------------------------------------------------------------------ images
+
+    def resolve_images(self, image: dict) -> Images:
+        """Every file the VM boots from, checked (path) or downloaded and verified (url)."""
+        def one(what: str) -> str | None:
+            source = image.get(what)
+            if not source:
+                return None
+            if source.get("path"):
+                return str(images.resolve_path(self.settings.image_dir, source["path"],
+                                               field=f"spec.image.{what}.path"))
+            if source.get("url"):
+                return str(images.fetch(source["url"], source.get("sha256") or "", self.cache_dir,
+                                        timeout=self.settings.image_download_timeout_seconds,
+                                        max_bytes=self.settings.image_max_bytes,
+                                        field=f"spec.image.{what}.url"))
+            raise images.ImageRefused(f"spec.image.{what}: needs a path or a url")
+
+        kernel = one("kernel")
+        if kernel is None:
+            raise images.ImageRefused("spec.image.kernel: required")
+        return Images(kernel=kernel, initrd=one("initrd"), rootfs_source=one("rootfs"))
+
+    # ------------------------------------------------------------------------------ network
+
+    def allocate_address(self, local: LocalVM, cidr: str, preferred: str | None) -> Address:
+        """The VM's address: the one recorded in meta.json, else `preferred` (status.ipAddress)
+        when free, else the lowest free one. Recorded in meta.json before anything uses it."""
+        gw = ipalloc.gateway(cidr)
+        meta = local.read_meta()
+        with self.locks.hold(ADDRESS_LOCK, timeout=30):
+            used = set()
+            for other in self.vms_dir.iterdir() if self.vms_dir.is_dir() else ():
+                if other.name != local.uid:
+                    ip = LocalVM(self.vms_dir, other.name).read_meta().get("ip") if valid_uid(other.name) else None
+                    if ip:
+                        used.add(ip)
+            ip = ipalloc.pick(cidr, used, meta.get("ip") or preferred)
+            address = Address(ip=ip, prefix=gw.network.prefixlen, gateway=str(gw.ip),
+                              mac=netdev.mac_for_uid(local.uid), tap=netdev.tap_name_for_uid(local.uid))
+            local.update_meta(ip=ip, prefix=address.prefix, gateway=address.gateway, mac=address.mac,
+                              tap=address.tap)
+        return address
+
+    def ensure_network(self, cidr: str, address: Address) -> None:
+        """Bridge (with the gateway), NAT and the VM's tap. The bridge and NAT are checked once per
+        process and block (about ten `ip`/`iptables` calls); if the tap cannot join the bridge, they
+        are checked again."""
+        gw = ipalloc.gateway(cidr)
+        key = (self.settings.bridge, str(gw))
+        for attempt in (1, 2):
+            if key not in self._bridges:
+                # two VMs starting at once must not both add the gateway address
+                with self.locks.hold(NETWORK_LOCK, timeout=60):
+                    netdev.ensure_bridge(self.settings.bridge, str(gw), netns=self.netns)
+                    netdev.ensure_nat(self.settings.bridge, str(gw.network), netns=self.netns)
+                self._bridges.add(key)
+            try:
+                netdev.ensure_tap(address.tap, self.settings.bridge, netns=self.netns)
+                return
+            except netdev.NetdevError:
+                self._bridges.discard(key)
+                if attempt == 2:
+                    raise
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def build_spec(self, local: LocalVM, vm: dict, imgs: Images, address: Address | None) -> vmm.VMSpec:
+        spec = vm.get("spec", {})
+        args = spec.get("image", {}).get("kernelArgs", "console=ttyS0 reboot=k panic=1")
+        rootfs = None
+        if imgs.rootfs_source:
+            rootfs = str(images.prepare_rootfs(imgs.rootfs_source, local.dir,
+                                               timeout=self.settings.image_download_timeout_seconds))
+        if address:
+            args = f"{args} " + netdev.kernel_ip_arg(address.ip, address.gateway, address.prefix,
+                                                     hostname=vm["metadata"]["name"][:63])
+        return vmm.VMSpec(uid=local.uid, name=vm["metadata"]["name"], vcpus=int(spec.get("vcpus", 1)),
+                          memory_mib=int(spec.get("memoryMiB", 512)), kernel=imgs.kernel, initrd=imgs.initrd,
+                          rootfs=rootfs, kernel_args=args, tap=address.tap if address else None,
+                          mac=address.mac if address else None, state_dir=local.dir, netns=self.netns)
+
+    def launch(self, local: LocalVM, spec: vmm.VMSpec, vmm_name: str) -> int:
+        """Start the VMM (or return the pid of the one already running for this VM)."""
+        driver = self.driver(vmm_name)
+        longest = len(str((local.dir / "qmp.sock").resolve()).encode())
+        if longest > MAX_UNIX_SOCKET_PATH:
+            # QEMU and Firecracker put their control sockets in the state directory
+            raise vmm.VMMStartFailed(f"the state directory {local.dir} is too long for unix sockets "
+                                     f"({longest} > {MAX_UNIX_SOCKET_PATH} bytes): set a shorter MIKROM_STATE_DIR")
+        self.reap_strays(local)
+        return driver.start(spec)
+
+    def wait_ready(self, local: LocalVM) -> float:
+        spec = vmm.spec_from_state(local.dir)
+        return vmm.driver_for_state(local.dir).wait_ready(spec, timeout=self.settings.boot_timeout_seconds)
+
+    def stop(self, local: LocalVM, timeout: float | None = None) -> None:
+        """Stop the VM's VMM (gracefully, then killed after the timeout); fine if none runs."""
+        timeout = self.settings.stop_timeout_seconds if timeout is None else timeout
+        if (local.dir / "vm.json").exists():
+            try:
+                driver = vmm.driver_for_state(local.dir)
+            except vmm.VMMError:
+                driver = None
+            if driver is not None:
+                driver.stop(local.dir, timeout=timeout)
+        self.reap_strays(local, grace=0.0)
+
+    def reap_strays(self, local: LocalVM, grace: float = STRAY_GRACE_SECONDS) -> None:
+        """Kill VMM processes of this VM that no pid file accounts for (a launch cut short by a
+        worker crash, or a state directory removed under a running VMM)."""
+        deadline = time.monotonic() + grace
+        while True:
+            known = local.pid()
+            strays = [p for p in vmm_processes(self.vms_dir).get(local.uid, []) if p != known]
+            if not strays:
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)  # the supervisor may be about to write the pid file
+        for pid in strays:
+            log.warning("killing stray VMM process %d of %s", pid, local.uid)
+            kill_pid(pid)
+
+    def teardown(self, uid: str) -> bool:
+        """Stop the VM and remove its tap and state directory. True if anything was there."""
+        local = self.local(uid)
+        meta = local.read_meta()
+        had = local.exists()
+        self.stop(local)
+        tap = meta.get("tap") or netdev.tap_name_for_uid(uid)
+        if netdev.link_exists(tap, self.netns):
+            had = True
+            netdev.delete_tap(tap, self.netns)
+        if had:
+            local.remove()
+        return had
+
+
+def kill_pid(pid: int, wait: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] in ("Z", "X"):
+                    return
+        except OSError:
+            return
+        time.sleep(0.05)
+

@@ -1,0 +1,113 @@
+"""The one place where the worker writes a MicroVM's status, and the Events that go with it.
+
+The worker owns the fields listed in docs/protocol.md (phase Provisioning/Running/Stopping/Stopped/
+Succeeded and node-side Failed, ipAddress, pid, timings, condition Ready...). Each write is a JSON
+merge patch of those fields only, carrying `metadata.uid` (a recreated namesake is never written)
+and `metadata.resourceVersion`: conditions are a list, which a merge patch replaces whole, so the
+list is recomputed from a fresh read whenever the object changed in between (HTTP 409). A write
+that would change nothing is skipped, so a level-triggered sync costs one GET per VM.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kubernetes.client.rest import ApiException
+
+from mikrom import conditions, kube, names
+from mikrom.names import Phase
+
+log = logging.getLogger(__name__)
+
+MAX_CONFLICTS = 8
+COMPONENT = "mikrom-worker"
+
+# the Event reason of entering each phase (Failed uses the failure's own reason)
+PHASE_EVENT = {
+    Phase.PROVISIONING.value: "Provisioning",
+    Phase.RUNNING.value: "Started",
+    Phase.STOPPING.value: "Stopping",
+    Phase.STOPPED.value: "Stopped",
+    Phase.SUCCEEDED.value: "Succeeded",
+}
+
+
+def status_patch(current: dict, generation: int | None, phase: str | None, reason: str | None,
+                 message: str | None, fields: dict, ready: tuple[bool, str, str] | None) -> dict:
+    """The merge patch that moves `current` (a status) to the given values; empty if nothing changes.
+
+    Pure, so its rules are tested without a server: Ready follows the phase unless given, and
+    `observedGeneration` records the spec generation acted on.
+    """
+    want: dict = dict(fields)
+    if phase is not None:
+        want.update(phase=phase, reason=reason or phase, message=message or "")
+        if ready is None:
+            ready = (True, "GuestReady", message or "the guest is up") if phase == Phase.RUNNING.value \
+                else (False, reason or phase, message or "")
+    if generation is not None:
+        want["observedGeneration"] = generation
+    patch = {k: v for k, v in want.items() if current.get(k) != v}
+    if ready is not None:
+        conds, changed = conditions.set_condition(current.get("conditions"), names.READY, ready[0], ready[1],
+                                                  ready[2], generation=generation)
+        if changed:
+            patch["conditions"] = conds
+    return patch
+
+
+class StatusWriter:
+    def __init__(self, node: str):
+        self.node = node
+
+    def report(self, vm: dict, phase: str | None = None, reason: str | None = None, message: str | None = None,
+               fields: dict | None = None, ready: tuple[bool, str, str] | None = None,
+               event_reason: str | None = None, event: tuple[str, str, str] | None = None) -> dict | None:
+        """Write the worker's view of `vm`; returns the updated object, or None if the object is
+        gone or is now another object with the same name.
+
+        Entering a new phase records an Event (reason `event_reason`, by default the phase's own,
+        or the failure's reason); `event` = (type, reason, message) records one regardless.
+        """
+        fields = fields or {}
+        for _ in range(MAX_CONFLICTS):
+            meta = vm["metadata"]
+            current = vm.get("status") or {}
+            patch = status_patch(current, meta.get("generation"), phase, reason, message, fields, ready)
+            if not patch:
+                return vm
+            body = {"metadata": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}, "status": patch}
+            try:
+                updated = kube.custom().patch_namespaced_custom_object_status(
+                    names.GROUP, names.VERSION, meta["namespace"], names.MICROVMS, meta["name"], body,
+                    _request_timeout=kube.TIMEOUT)
+            except ApiException as exc:
+                if exc.status not in (404, 409):
+                    raise
+                fresh = kube.get_vm(meta["namespace"], meta["name"])
+                if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+                    return None
+                vm = fresh
+                continue
+            self._record(vm, updated, phase, reason, message, event_reason, event)
+            return updated
+        raise ConflictStorm(f"status of {vm['metadata']['namespace']}/{vm['metadata']['name']} changed "
+                            f"{MAX_CONFLICTS} times while being written")
+
+    def _record(self, before: dict, after: dict, phase, reason, message, event_reason, event) -> None:
+        events = [event] if event else []
+        if phase is not None and phase != (before.get("status") or {}).get("phase"):
+            if phase == Phase.FAILED.value:
+                events.append(("Warning", event_reason or reason or "Failed", message or "the VM failed"))
+            else:
+                events.append(("Normal", event_reason or PHASE_EVENT.get(phase, phase), message or phase))
+        for type_, ev_reason, ev_message in events:
+            log.info("%s/%s: %s %s: %s", after["metadata"]["namespace"], after["metadata"]["name"], type_,
+                     ev_reason, ev_message)
+            kube.event(after, ev_reason, f"{ev_message} (node {self.node})", type_=type_, component=COMPONENT)
+
+
+class ConflictStorm(Exception):
+    """The object kept changing under the status write; retry the task later."""
+
+    reason = "Conflict"

@@ -1,0 +1,174 @@
+"""The worker's Celery tasks, under the original Mikrom guide's names.
+
+VM tasks (`create_vm_task`, `delete_vm_task`, `stop_vm_task`, `start_vm_task`, `restart_vm_task`)
+take exactly the keyword arguments of `mikrom.models.VMRef` and are thin, like web views: unpack
+the reference, forward it if it belongs to another node, take the VM's lock, call the reconciler,
+decide about a retry. They are idempotent "make it so" operations: the intent is only a hint, the
+reconciler acts on the object it re-reads from the API server (docs/protocol.md).
+
+Beat tasks: `sync_vm_status` and `cleanup_old_vms` are broadcast (each node does its own),
+`health_check` and `generate_report` run on whichever worker takes them.
+
+    from mikrom.worker.tasks import create_vm_task
+    create_vm_task.delay(namespace="team-a", name="web-1", uid="…")   # forwarded to the VM's node
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import signals
+from pydantic import ValidationError
+
+from mikrom import kube, names
+from mikrom.celery_app import app
+from mikrom.models import VMRef
+
+from . import context, errors, maintenance
+
+log = logging.getLogger(__name__)
+
+
+def lock_wait_seconds(settings) -> float:
+    """How long a task waits for another operation on the same VM: one boot plus two stops and
+    some slack (a restart is a stop and a boot), within the hard time limit."""
+    wanted = settings.boot_timeout_seconds + 2 * settings.stop_timeout_seconds + 30
+    return max(5.0, min(wanted, settings.task_time_limit * 0.6))
+
+
+def _ref(intent: names.Intent, args: tuple, kwargs: dict) -> VMRef:
+    if args:
+        raise ValueError("VM tasks take keyword arguments only: namespace, name, uid (and intent)")
+    return VMRef(**{"intent": intent.value, **kwargs})
+
+
+def _forward_target(ctx, task, ref: VMRef) -> str | None:
+    """The node a message should be forwarded to, or None to handle it here.
+
+    Only a message that did not arrive on this node's own queue is looked at (one typed by a person
+    lands on the default queue): if its VM is placed on another node it goes to that node's queue.
+    A message on our own queue is always handled here, so forwarding can never loop.
+    """
+    arrived = (task.request.delivery_info or {}).get("routing_key")
+    if arrived == names.node_queue(ctx.node):
+        return None
+    vm = kube.get_vm(ref.namespace, ref.name)
+    if vm is None or vm["metadata"]["uid"] != ref.uid:
+        return None  # stale: clean up whatever this node holds for the uid
+    node = (vm.get("status") or {}).get("node")
+    if not node:
+        return ""  # not placed yet: the operator dispatches it once it is
+    return None if node == ctx.node else node
+
+
+def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
+    try:
+        ref = _ref(intent, args, kwargs)
+    except (ValidationError, ValueError, TypeError) as exc:
+        # a malformed message will not improve by retrying it
+        log.error("%s rejected: %s", task.name, exc)
+        return {"outcome": "rejected", "error": str(exc)[:500]}
+    ctx = context.get()
+    try:
+        target = _forward_target(ctx, task, ref)
+        if target == "":
+            return {"outcome": "dropped: not placed on a node yet", "uid": ref.uid}
+        if target:
+            app.send_task(task.name, kwargs=ref.model_dump(mode="json"), queue=names.node_queue(target))
+            log.info("%s for %s/%s forwarded to %s", task.name, ref.namespace, ref.name, names.node_queue(target))
+            return {"outcome": f"forwarded to {target}", "uid": ref.uid}
+        outcome = maintenance.reconcile_locked(ctx, ref.namespace, ref.name, ref.uid,
+                                               lock_wait_seconds(ctx.settings))
+    except Exception as exc:
+        if errors.is_transient(exc) and task.request.retries < errors.MAX_RETRIES:
+            delay = errors.backoff(task.request.retries)
+            log.warning("%s for %s/%s: %s; retry %d in %.1fs", task.name, ref.namespace, ref.name, exc,
+                        task.request.retries + 1, delay)
+            raise task.retry(exc=exc, countdown=delay, max_retries=errors.MAX_RETRIES)
+        raise
+    return {"outcome": outcome, "node": ctx.node, "uid": ref.uid, "intent": ref.intent}
+
+
+_VM_TASK_OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=errors.MAX_RETRIES)
+
+
+@app.task(name=names.CREATE_VM, **_VM_TASK_OPTIONS)
+def create_vm_task(self, *args, **kwargs):
+    """Make the VM exist and run (unless runStrategy is Halted)."""
+    return run_vm_task(self, names.Intent.CREATE, args, kwargs)
+
+
+@app.task(name=names.DELETE_VM, **_VM_TASK_OPTIONS)
+def delete_vm_task(self, *args, **kwargs):
+    """Remove the VM, its tap and its files; confirm with status.cleanedUpAt."""
+    return run_vm_task(self, names.Intent.DELETE, args, kwargs)
+
+
+@app.task(name=names.STOP_VM, **_VM_TASK_OPTIONS)
+def stop_vm_task(self, *args, **kwargs):
+    """Stop the VM (runStrategy Halted)."""
+    return run_vm_task(self, names.Intent.STOP, args, kwargs)
+
+
+@app.task(name=names.START_VM, **_VM_TASK_OPTIONS)
+def start_vm_task(self, *args, **kwargs):
+    """Start the VM again (runStrategy no longer Halted, or a restart after backoff)."""
+    return run_vm_task(self, names.Intent.START, args, kwargs)
+
+
+@app.task(name=names.RESTART_VM, **_VM_TASK_OPTIONS)
+def restart_vm_task(self, *args, **kwargs):
+    """Restart the VM because mikrom.io/restartedAt changed."""
+    return run_vm_task(self, names.Intent.RESTART, args, kwargs)
+
+
+# ------------------------------------------------------------------------------------ beat
+
+@app.task(name=names.SYNC_VM_STATUS)
+def sync_vm_status():
+    """Broadcast: this node reconciles all its VMs (drift, run strategy, Unknown re-reported)."""
+    return maintenance.sync_node(context.get(), lock_timeout=1.0)
+
+
+@app.task(name=names.CLEANUP_OLD_VMS)
+def cleanup_old_vms(orphan_min_age_seconds: float | None = None):
+    """Broadcast: delete MicroVMs past ttlSecondsAfterFinished; remove this node's orphans."""
+    age = maintenance.ORPHAN_MIN_AGE_SECONDS if orphan_min_age_seconds is None else float(orphan_min_age_seconds)
+    return maintenance.cleanup(context.get(), orphan_min_age=age)
+
+
+@app.task(name=names.HEALTH_CHECK)
+def health_check():
+    """Heartbeat age, broker, stuck transitional VMs and queue depths, as seen from this node."""
+    return maintenance.health(context.get())
+
+
+@app.task(name=names.GENERATE_REPORT)
+def generate_report(namespace: str | None = None):
+    """Fleet summary (VMs per phase and node, failures) into the ConfigMap mikrom-fleet-report of
+    the worker's namespace (POD_NAMESPACE, by default `mikrom`)."""
+    context.get()  # configures the API client
+    ns = namespace or os.environ.get("POD_NAMESPACE") or "mikrom"
+    report = maintenance.fleet_report(ns)
+    return {"namespace": ns, "configMap": maintenance.REPORT_CONFIGMAP, "vmCount": report["vmCount"],
+            "phases": report["phases"]}
+
+
+# ------------------------------------------------------------------------------------ process
+
+@signals.worker_ready.connect
+def _start_node_agent(sender=None, **_):
+    """Register the node, heartbeat, adopt running VMs: in background greenlets."""
+    try:
+        context.get().start_background()
+    except Exception:  # a broken kubeconfig must show in the log, not vanish in a signal handler
+        log.exception("cannot start the node agent (registration, heartbeats, adoption)")
+        raise
+
+
+@signals.worker_shutting_down.connect
+def _stop_node_agent(sender=None, **_):
+    ctx = context._ctx
+    if ctx is not None and ctx.agent is not None:
+        ctx.agent.stop()
