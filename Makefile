@@ -43,6 +43,7 @@ demo: deps
 
 bench: deps
 	$(PY) bench/dispatch.py
+	$(PY) bench/boot.py
 
 clean:
 	rm -rf $(VENV) .test-artifacts build *.egg-info

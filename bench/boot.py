@@ -48,7 +48,10 @@ What this leaves out:
   - the raw figure starts the clock at `driver.start()` with the tap already up; Mikrom's includes
     the operator's placement and dispatch, the queue, the API reads and status writes, address
     allocation and the tap;
-  - the status is polled every 20 ms, which adds up to 20 ms to each Mikrom figure."""
+  - the status is polled every 20 ms, which adds up to 20 ms to each Mikrom figure;
+  - in the concurrency-2 series each slot also removes its VM before the next (Mikrom: delete through
+    the operator and the worker until the object is gone; raw: the driver's stop), so the rate is
+    of full create-boot-remove cycles, and it moves with whatever else runs on the machine."""
 
 
 def _stats(xs: list[float]) -> str:

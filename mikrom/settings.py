@@ -95,8 +95,9 @@ class Settings:
     """How long a graceful stop may take before the VMM is killed."""
     image_max_bytes: int = 4 << 30
     """Largest image a URL may download."""
-    image_download_timeout_seconds: float = 600.0
-    """Timeout of one image download."""
+    image_download_timeout_seconds: float = 240.0
+    """Timeout of one image download; below the task's hard time limit, so a slow download fails
+    with ImageDownloadFailed instead of being cut off."""
     console_max_bytes: int = 1 << 20
     """Size cap of each VM's console log."""
     bridge: str = "mikrombr0"

@@ -35,7 +35,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def artifacts_dir(request) -> Path:
-    d = ARTIFACTS / time.strftime("%Y%m%d-%H%M%S")
+    # the second plus the pid: two sessions started in the same second must not share (or delete)
+    # each other's logs and kubeconfigs
+    d = ARTIFACTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     d.mkdir(parents=True, exist_ok=True)
     yield d
     if request.session.testsfailed == 0 and not os.environ.get("MIKROM_KEEP_ARTIFACTS"):

@@ -88,14 +88,17 @@ class NodeAgent:
         try:
             kube.custom().create_cluster_custom_object(names.GROUP, names.VERSION, names.MICROVMNODES, body,
                                                        _request_timeout=kube.TIMEOUT)
-            log.info("registered MicroVMNode %s", self.node)
+            how = "created"
         except ApiException as exc:
             if exc.status != 409:
                 raise
             kube.custom().patch_cluster_custom_object(names.GROUP, names.VERSION, names.MICROVMNODES, self.node,
                                                       {"metadata": {"labels": self.labels()}},
                                                       _request_timeout=kube.TIMEOUT)
-        return self.heartbeat()
+            how = "exists"
+        node = self.heartbeat()
+        log.info("registered MicroVMNode %s (%s)", self.node, how)
+        return node
 
     def heartbeat(self) -> dict:
         node = kube.patch_node_status(self.node, self.status())

@@ -89,6 +89,7 @@ class WorkerProc:
         self.proc = procs.start(f"worker-{self.node}-{self.generation}", argv, self.logdir, env=self.env,
                                 cwd=str(REPO))
         self.wait_log("ready.", wait)
+        self.wait_log(f"registered MicroVMNode {self.node}", wait)  # and heartbeating
         return self
 
     def wait_log(self, text: str, timeout: float) -> None:
@@ -271,10 +272,6 @@ def e2e_skip_reason() -> str | None:
     if not shutil.which("qemu-system-x86_64"):
         missing.append("qemu-system-x86_64 (apt-get install qemu-system-x86)")
     return "worker e2e tests need " + " and ".join(missing) if missing else None
-
-
-def _json_phase(vm: dict | None) -> str | None:
-    return ((vm or {}).get("status") or {}).get("phase")
 
 
 class VMs:

@@ -84,14 +84,23 @@ def test_inspect_registered_lists_the_guides_five_task_names(worker):
 
 
 def test_the_worker_registers_its_node_and_keeps_it_heartbeating(worker, custom):
-    first = wait_for(lambda: custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)
-                     .get("status", {}).get("lastHeartbeatTime"), 20, "a heartbeat")
-    status = custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)["status"]
+    def heartbeat() -> str | None:
+        try:  # registration runs in the background, just after the worker reports ready
+            node = custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return (node.get("status") or {}).get("lastHeartbeatTime")
+
+    first = wait_for(heartbeat, 20, "a heartbeat")
+    node = custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)
+    status = node["status"]
     assert status["capacity"]["vcpus"] >= 1 and status["capacity"]["memoryMiB"] > 0
     assert "qemu" in status["vmms"] and status["defaultVmm"] in status["vmms"]
     assert status["kvm"] in (True, False) and status["workerVersion"]
-    wait_for(lambda: custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)
-             ["status"]["lastHeartbeatTime"] != first, 10, "the next heartbeat")
+    assert node["metadata"]["labels"][names.LABEL_KVM] == ("true" if status["kvm"] else "false")
+    wait_for(lambda: heartbeat() != first, 10, "the next heartbeat")
 
 
 def test_a_halted_vm_is_reported_stopped_with_ready_false_and_an_event(worker, custom, kube_api, namespace,
