@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+from harness.procs import wait_for
 from harness.worker_proc import celery_client, make_worker, netns_create, netns_delete, worker_kubeconfig  # noqa: F401
 from kubernetes import client
 
@@ -62,17 +63,6 @@ def ref(vm: dict, intent: str = "create") -> dict:
 def events_for(kube_api, namespace: str, name: str, reason: str | None = None) -> list:
     items = client.CoreV1Api(kube_api).list_namespaced_event(namespace).items
     return [e for e in items if e.involved_object.name == name and (reason is None or e.reason == reason)]
-
-
-def wait_for(check, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last}")
 
 
 def test_inspect_registered_lists_the_guides_five_task_names(worker):
