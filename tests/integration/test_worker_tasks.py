@@ -14,20 +14,13 @@ import uuid
 
 import pytest
 from harness.procs import wait_for
-from harness.worker_proc import celery_client, make_worker, netns_create, netns_delete, worker_kubeconfig  # noqa: F401
+from harness.worker_proc import celery_client, make_worker, netns, worker_kubeconfig  # noqa: F401
 from kubernetes import client
 
 from mikrom import broker, names
 from mikrom.worker.locks import NodeLocks
 
 GROUP, VERSION = names.GROUP, names.VERSION
-
-
-@pytest.fixture
-def netns():
-    name = netns_create()
-    yield name
-    netns_delete(name)
 
 
 @pytest.fixture
