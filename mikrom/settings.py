@@ -89,6 +89,22 @@ class Settings:
     """Memory offered to VMs in MiB; 0: 90% of the host's memory."""
     default_vmm: str = ""
     """VMM used when a MicroVM names none; empty: firecracker when usable, else qemu."""
+    qemu_binary: str = "qemu-system-x86_64"
+    """QEMU executable (name on PATH or absolute path)."""
+    firecracker_binary: str = "firecracker"
+    """Firecracker executable (name on PATH or absolute path)."""
+    jailer_binary: str = ""
+    """Firecracker's `jailer`; when set, every Firecracker VMM runs jailed (chroot, the uid/gid
+    below, its own cgroup v2). Empty: Firecracker runs unjailed as the worker's user."""
+    jailer_uid: int = 10000
+    """Unprivileged uid a jailed Firecracker runs as; it owns the VM's tap and rootfs copy."""
+    jailer_gid: int = 10000
+    """Unprivileged gid a jailed Firecracker runs as."""
+    jailer_chroot_base: str = "/srv/jailer"
+    """Jails live in <jailer_chroot_base>/firecracker/<VM uid>/root."""
+    jailer_cgroup_limits: bool = True
+    """Cap each jailed VMM's cgroup (v2) at the VM's vCPUs (`cpu.max`) and memory (`memory.max`,
+    plus 64 MiB for Firecracker itself)."""
     boot_timeout_seconds: float = 60.0
     """How long a VM may take to print its ready signal."""
     stop_timeout_seconds: float = 15.0

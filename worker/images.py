@@ -133,6 +133,8 @@ def fetch(url: str, sha256: str, cache_dir: str | os.PathLike, timeout: float = 
             os.fsync(out.fileno())
         if got != digest:
             raise ChecksumMismatch(f"{field}: {url} has sha256 {got}, the spec says {digest}")
+        # Content-addressed, so never written again; readable by a jailed VMM's unprivileged uid.
+        os.chmod(tmp, 0o444)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:

@@ -67,9 +67,23 @@ class Runtime:
 
     # ------------------------------------------------------------------------------ VMMs
 
+    def driver_configs(self) -> dict[str, dict]:
+        """Each driver's settings; saved with every VM, so a restarted worker stops and restarts it
+        with the settings it was started with."""
+        s = self.settings
+        firecracker: dict = {"binary": s.firecracker_binary}
+        if s.jailer_binary:
+            firecracker["jailer"] = {"binary": s.jailer_binary, "uid": s.jailer_uid, "gid": s.jailer_gid,
+                                     "chroot_base": s.jailer_chroot_base, "cgroup_limits": s.jailer_cgroup_limits}
+        return {"qemu": {"binary": s.qemu_binary}, "firecracker": firecracker}
+
+    def tap_owner(self, vmm_name: str) -> int | None:
+        """The uid a VMM opens its tap as, when that is not root (a jailed Firecracker)."""
+        return self.settings.jailer_uid if vmm_name == "firecracker" and self.settings.jailer_binary else None
+
     def available_vmms(self) -> list[str]:
         if self._available is None:
-            self._available = vmm.available_drivers()
+            self._available = vmm.available_drivers(self.driver_configs())
         return self._available
 
     def default_vmm(self) -> str:
@@ -81,7 +95,8 @@ class Runtime:
         if name not in self.available_vmms():
             raise VMMUnavailable(f"spec.vmm: {name} cannot run on this node (available: "
                                  f"{', '.join(self.available_vmms()) or 'none'})")
-        return vmm.get_driver(name, console_max_bytes=self.settings.console_max_bytes)
+        return vmm.get_driver(name, console_max_bytes=self.settings.console_max_bytes,
+                              **self.driver_configs()[name])
 
     # ------------------------------------------------------------------------------ images
 
@@ -127,7 +142,7 @@ class Runtime:
                               tap=address.tap)
         return address
 
-    def ensure_network(self, cidr: str, address: Address) -> None:
+    def ensure_network(self, cidr: str, address: Address, tap_owner: int | None = None) -> None:
         """Bridge (with the gateway), NAT and the VM's tap. The bridge and NAT are checked once per
         process and block (about ten `ip`/`iptables` calls); if the tap cannot join the bridge, they
         are checked again."""
@@ -141,7 +156,7 @@ class Runtime:
                     netdev.ensure_nat(self.settings.bridge, str(gw.network), netns=self.netns)
                 self._bridges.add(key)
             try:
-                netdev.ensure_tap(address.tap, self.settings.bridge, netns=self.netns)
+                netdev.ensure_tap(address.tap, self.settings.bridge, netns=self.netns, user=tap_owner)
                 return
             except netdev.NetdevError:
                 self._bridges.discard(key)

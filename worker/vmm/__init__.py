@@ -42,9 +42,10 @@ def get_driver(name: str, **config) -> Driver:
     return cls(**config)
 
 
-def available_drivers() -> list[str]:
-    """Names of the drivers that can boot VMs on this host."""
-    return [name for name, cls in DRIVERS.items() if cls().available()]
+def available_drivers(configs: dict[str, dict] | None = None) -> list[str]:
+    """Names of the drivers that can boot VMs on this host, each with its settings from `configs`."""
+    configs = configs or {}
+    return [name for name, cls in DRIVERS.items() if cls(**configs.get(name, {})).available()]
 
 
 def spec_from_state(state_dir: str | os.PathLike) -> VMSpec:

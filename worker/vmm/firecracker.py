@@ -31,6 +31,9 @@ API_SOCKET = "fc.sock"
 JAIL_API_SOCKET = "/run/firecracker.socket"
 BASE_KERNEL_ARGS = ["console=ttyS0", "reboot=k", "panic=1", "pci=off", "i8042.noaux", "i8042.nomux",
                     "i8042.nopnp", "i8042.dumbkbd"]
+MEMORY_HEADROOM_MIB = 64  # Firecracker's own memory beside the guest's (documented as under 5 MiB)
+CPU_PERIOD_US = 100_000
+UNIX_PATH_MAX = 108  # sun_path, including its terminating NUL
 _ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # what firecracker --id and jailer --id accept
 
 
@@ -48,6 +51,9 @@ class JailerConfig:
     """Jails live in <chroot_base>/<firecracker exec name>/<uid>/root."""
     cgroup_version: int = 2
     """cgroup hierarchy the jailer places the VMM in."""
+    cgroup_limits: bool = True
+    """Cap the VMM's cgroup at the VM's shape: `cpu.max` of its vCPUs and `memory.max` of its
+    memory plus MEMORY_HEADROOM_MIB for Firecracker itself (cgroup v2 only)."""
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -60,11 +66,20 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
+        dir_fd = None
         try:
-            sock.connect(self.sock_path)
+            path = self.sock_path
+            if len(os.fsencode(path)) >= UNIX_PATH_MAX:
+                # A jail under a deep chroot base: reach the socket through its directory's fd.
+                dir_fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+                path = f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}"
+            sock.connect(path)
         except OSError:
             sock.close()
             raise
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
         self.sock = sock
 
 
@@ -167,6 +182,9 @@ class FirecrackerDriver(Driver):
         argv = [j.binary, "--id", spec.uid, "--exec-file", shutil.which(self.binary) or self.binary,
                 "--uid", str(j.uid), "--gid", str(j.gid), "--chroot-base-dir", j.chroot_base,
                 "--cgroup-version", str(j.cgroup_version)]
+        if j.cgroup_limits and j.cgroup_version == 2:
+            argv += ["--cgroup", f"cpu.max={spec.vcpus * CPU_PERIOD_US} {CPU_PERIOD_US}",
+                     "--cgroup", f"memory.max={(spec.memory_mib + MEMORY_HEADROOM_MIB) << 20}"]
         if spec.netns:
             argv += ["--netns", f"/var/run/netns/{spec.netns}"]
         return argv + ["--", "--api-sock", JAIL_API_SOCKET]
@@ -177,20 +195,30 @@ class FirecrackerDriver(Driver):
             self._populate_jail(spec)
 
     def _populate_jail(self, spec: VMSpec) -> None:
+        """Put the VM's files in the chroot. The rootfs (the VM's own copy) is hard-linked, so the
+        guest's writes land in the state dir, and handed to the jail's uid. Kernel and initrd are
+        shared images: hard-linked when every user may read them, else copied for the jail alone,
+        never chowned in place."""
         root = self._jail_root(spec)
         root.mkdir(parents=True, exist_ok=True)
-        for path in (spec.kernel, spec.initrd, spec.rootfs):
+        # Firecracker, already unprivileged, binds its API socket here.
+        (root / "run").mkdir(exist_ok=True)
+        os.chown(root / "run", self.jailer.uid, self.jailer.gid)
+        for path, writable in ((spec.kernel, False), (spec.initrd, False), (spec.rootfs, True)):
             if not path:
                 continue
             dest = root / Path(path).name
+            world_readable = os.stat(path).st_mode & 0o004
             if not dest.exists():
                 try:
-                    # A hard link shares the inode, so the guest's writes land in the VM's own copy.
+                    if not (writable or world_readable):
+                        raise OSError("a private copy is needed")
                     os.link(path, dest)
                 except OSError:
                     subprocess.run(["cp", "--reflink=auto", "--sparse=always", path, str(dest)],
                                    check=True, timeout=600, stdin=subprocess.DEVNULL)
-            os.chown(dest, self.jailer.uid, self.jailer.gid)
+            if writable or not world_readable:
+                os.chown(dest, self.jailer.uid, self.jailer.gid)
 
     def _jailed_spec(self, spec: VMSpec) -> VMSpec:
         def inside(path: str | None) -> str | None:
