@@ -22,11 +22,11 @@ celery_app = app  # the original guide's name for it
 
 
 def route_task(name, args, kwargs, options, task=None, **kw):
-    """VM tasks go to the queue of the node named in `node`; beat's status sync and orphan sweep
-    are broadcast (every node does its own)."""
+    """VM tasks go to the queue of the node named in `node`; beat's status sync, orphan sweep and
+    health check are broadcast (every node does its own)."""
     if name in names.VM_TASKS and kwargs and kwargs.get("node"):
         return {"queue": names.node_queue(kwargs["node"]), "routing_key": names.node_queue(kwargs["node"])}
-    if name in (names.SYNC_VM_STATUS, names.CLEANUP_OLD_VMS):
+    if name in (names.SYNC_VM_STATUS, names.CLEANUP_OLD_VMS, names.HEALTH_CHECK):
         # Celery never declares a Broadcast queue's exchange when sending, and kombu's Redis
         # transport takes an exchange it has not seen declared for a direct one: the message would
         # go nowhere. Redis fanout publishes on a channel named after exchange and routing key, so
