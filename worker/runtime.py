@@ -8,6 +8,7 @@ or tap exist, so a refused or corrupt image leaves nothing behind on the node.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -110,10 +111,16 @@ class Runtime:
                 return str(images.resolve_path(self.settings.image_dir, source["path"],
                                                field=f"spec.image.{what}.path"))
             if source.get("url"):
-                return str(images.fetch(source["url"], source.get("sha256") or "", self.cache_dir,
-                                        timeout=self.settings.image_download_timeout_seconds,
-                                        max_bytes=self.settings.image_max_bytes,
-                                        field=f"spec.image.{what}.url"))
+                digest = (source.get("sha256") or "").strip().lower()
+                timeout = self.settings.image_download_timeout_seconds
+                # VMs created together with the same image wait for one download instead of each
+                # fetching it: the second finds it in the cache.
+                key = "image-" + hashlib.sha256(digest.encode()).hexdigest()[:32]
+                with self.locks.hold(key, timeout=timeout + 30) as held:
+                    held.remove = True
+                    return str(images.fetch(source["url"], digest, self.cache_dir, timeout=timeout,
+                                            max_bytes=self.settings.image_max_bytes,
+                                            field=f"spec.image.{what}.url"))
             raise images.ImageRefused(f"spec.image.{what}: needs a path or a url")
 
         kernel = one("kernel")

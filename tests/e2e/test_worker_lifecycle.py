@@ -14,19 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from harness.worker_proc import (  # noqa: F401 - fixtures
-    e2e_skip_reason,
-    fleet,
-    guest_image_dir,
-    link_exists,
-    make_worker,
-    mikrom_operator_cluster,
-    netns,
-    operator_env,
-    ping,
-    vmm_pids,
-    worker_kubeconfig,
-)
+from harness.http_files import FileServer
+from harness.worker_proc import e2e_skip_reason, link_exists, ping, vmm_pids
 
 from mikrom.worker import netdev
 
@@ -110,6 +99,34 @@ def test_a_microvm_runs_answers_ping_stops_starts_restarts_and_is_deleted_withou
     assert not link_exists(netns, tap)
     assert not vm_dir.exists()
     vms.wait_event("web", "CleanedUp")
+
+
+def test_images_given_by_url_boot_and_are_downloaded_once_for_vms_created_together(
+        fleet, make_worker, netns, guest_image_dir):
+    worker = make_worker(netns=netns)  # an empty image directory: only the URLs can boot it
+    fleet.node = worker.node
+    server = FileServer(guest_image_dir)
+    try:
+        image = {what: {"url": server.url(name), "sha256": _sha256(guest_image_dir / name)}
+                 for what, name in (("kernel", "vmlinuz"), ("initrd", "initrd.img"))}
+        for name in ("fetched-a", "fetched-b"):
+            fleet.create(name, network=False, image=image)
+        for name in ("fetched-a", "fetched-b"):
+            fleet.wait_phase(name, "Running", timeout=120, avoid=("Failed",))
+        assert sorted(server.hits) == ["/initrd.img", "/vmlinuz"], "each image is downloaded once"
+        cached = sorted(p for p in (worker.state_dir / "images").rglob("*") if p.is_file())
+        assert [p.name for p in cached] == sorted(image[w]["sha256"] for w in image)
+        assert all(p.stat().st_mode & 0o777 == 0o444 for p in cached)
+    finally:
+        server.close()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def test_a_rootfs_with_the_wrong_sha256_fails_with_checksum_mismatch_and_leaves_nothing_on_disk(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
-import threading
 
 import pytest
+from harness.http_files import FileServer
 from mikrom.worker import images
 from mikrom.worker.images import ChecksumMismatch, ImageNotFound, ImageRefused, ImageTooLarge
 
@@ -55,46 +54,13 @@ def test_missing_image_is_not_found_and_a_directory_is_refused(image_dir):
         images.resolve_path(image_dir, "kernels")
 
 
-class _Server:
-    """A real HTTP server on 127.0.0.1 serving files from a directory, counting GETs."""
-
-    def __init__(self, root):
-        self.hits: list[str] = []
-        server_self = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, directory=str(root), **kw)
-
-            def do_GET(self):
-                server_self.hits.append(self.path)
-                try:
-                    super().do_GET()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up on purpose (size cap)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def url(self, name):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def served(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     data = os.urandom(300_000)
     (root / "rootfs.ext4").write_bytes(data)
-    server = _Server(root)
+    server = FileServer(root)
     yield server, data
     server.close()
 

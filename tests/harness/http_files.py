@@ -1,0 +1,39 @@
+"""A real HTTP server on 127.0.0.1 serving a directory's files and counting GETs (image downloads)."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+
+class FileServer:
+    """A real HTTP server on 127.0.0.1 serving files from a directory, counting GETs."""
+
+    def __init__(self, root):
+        self.hits: list[str] = []
+        server_self = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(root), **kw)
+
+            def do_GET(self):
+                server_self.hits.append(self.path)
+                try:
+                    super().do_GET()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up on purpose (size cap)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
