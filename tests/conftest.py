@@ -25,6 +25,9 @@ ARTIFACTS = Path(os.environ.get("MIKROM_TEST_ARTIFACTS", REPO / ".test-artifacts
 
 STARTED = procs.STARTED
 
+# The worker's fixtures (make_worker, fleet, netns, ...) for every tier that runs a real worker.
+pytest_plugins = ["harness.worker_proc"]
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:

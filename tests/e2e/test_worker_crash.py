@@ -9,19 +9,7 @@ import threading
 import time
 
 import pytest
-from harness.worker_proc import (  # noqa: F401 - fixtures
-    celery_client,
-    e2e_skip_reason,
-    fleet,
-    guest_image_dir,
-    make_worker,
-    mikrom_operator_cluster,
-    netns,
-    operator_env,
-    ping,
-    vmm_pids,
-    worker_kubeconfig,
-)
+from harness.worker_proc import e2e_skip_reason, ping, vmm_pids
 
 from mikrom import names
 

@@ -12,17 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from harness.worker_proc import (  # noqa: F401 - fixtures
-    e2e_skip_reason,
-    fleet,
-    guest_image_dir,
-    make_worker,
-    mikrom_operator_cluster,
-    netns,
-    ping,
-    vmm_pids,
-    worker_kubeconfig,
-)
+from harness.worker_proc import e2e_skip_reason, ping, vmm_pids
 
 pytestmark = pytest.mark.skipif(e2e_skip_reason() is not None, reason=e2e_skip_reason() or "")
 

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubernetes.client.rest import ApiException
 
 from . import procs
+from .microvms import MicroVMClient
 
 REPO = Path(__file__).resolve().parents[2]
 RBAC = REPO / "deploy" / "rbac" / "worker.yaml"
@@ -274,18 +276,11 @@ def e2e_skip_reason() -> str | None:
     return "worker e2e tests need " + " and ".join(missing) if missing else None
 
 
-class VMs:
+class VMs(MicroVMClient):
     """The test's MicroVMs, through the admin client."""
 
-    G, V = "mikrom.io", "v1alpha1"
-
     def __init__(self, api_client, namespace: str, pool: str | None = None):
-        from kubernetes import client
-
-        self.client = client
-        self.api = client.CustomObjectsApi(api_client)
-        self.core = client.CoreV1Api(api_client)
-        self.ns = namespace
+        super().__init__(api_client, namespace)
         self.pool = pool
         self.node: str | None = None
         """Pin new VMs to this MicroVMNode (the test's worker), so the session's other nodes never get them."""
@@ -300,34 +295,6 @@ class VMs:
             body["spec"]["nodeName"] = self.node
         body["spec"].update(spec)
         return body
-
-    def create(self, name: str, **spec) -> dict:
-        return self.api.create_namespaced_custom_object(self.G, self.V, self.ns, "microvms",
-                                                        self.manifest(name, **spec), _request_timeout=(5, 30))
-
-    def get(self, name: str) -> dict | None:
-        try:
-            return self.api.get_namespaced_custom_object(self.G, self.V, self.ns, "microvms", name,
-                                                         _request_timeout=(5, 30))
-        except self.client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def status(self, name: str) -> dict:
-        return (self.get(name) or {}).get("status") or {}
-
-    def patch(self, name: str, body: dict) -> dict:
-        return self.api.patch_namespaced_custom_object(self.G, self.V, self.ns, "microvms", name, body,
-                                                       _request_timeout=(5, 30))
-
-    def delete(self, name: str) -> None:
-        self.api.delete_namespaced_custom_object(self.G, self.V, self.ns, "microvms", name, _request_timeout=(5, 30))
-
-    def names(self) -> list[str]:
-        items = self.api.list_namespaced_custom_object(self.G, self.V, self.ns, "microvms",
-                                                       _request_timeout=(5, 30))["items"]
-        return [vm["metadata"]["name"] for vm in items]
 
     def wait_phase(self, name: str, phase: str, timeout: float = 90, avoid: tuple = ()) -> dict:
         """Poll until `name` is in `phase`; fail at once if it reaches a phase in `avoid`."""
@@ -371,7 +338,7 @@ class VMs:
         for name in self.names():
             try:
                 self.delete(name)
-            except self.client.ApiException:
+            except ApiException:
                 pass
         deadline = time.monotonic() + timeout
         while self.names() and time.monotonic() < deadline:
@@ -379,7 +346,7 @@ class VMs:
         for name in self.names():
             try:
                 self.patch(name, {"metadata": {"finalizers": None}})
-            except self.client.ApiException:
+            except ApiException:
                 pass
 
 

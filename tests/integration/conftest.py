@@ -11,6 +11,7 @@ import uuid
 import pytest
 import yaml
 from harness import fake_worker, operator_proc, procs, redis_server
+from harness.microvms import MicroVMClient
 from harness.procs import wait_for
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -93,13 +94,12 @@ BASE_VM = {
 }
 
 
-class MicroVMs:
+class MicroVMs(MicroVMClient):
     """The test's MicroVMs, via the admin client and kubectl."""
 
     def __init__(self, cp, api_client, namespace: str):
-        self.cp, self.ns = cp, namespace
-        self.api = client.CustomObjectsApi(api_client)
-        self.core = client.CoreV1Api(api_client)
+        super().__init__(api_client, namespace)
+        self.cp = cp
         self.label = "t" + uuid.uuid4().hex[:8]
         """A label value unique to this test, for its nodes' selectors."""
 
@@ -109,39 +109,12 @@ class MicroVMs:
         body["spec"].update(spec)
         return body
 
-    def create(self, name: str, **spec) -> dict:
-        return self.api.create_namespaced_custom_object(G, V, self.ns, names.MICROVMS, self.manifest(name, **spec),
-                                                        _request_timeout=T)
-
     def apply(self, body: dict, check: bool = True):
         return self.cp.kubectl("apply", "-n", self.ns, "-f", "-", input=yaml.safe_dump(body), check=check)
-
-    def get(self, name: str) -> dict | None:
-        try:
-            return self.api.get_namespaced_custom_object(G, V, self.ns, names.MICROVMS, name, _request_timeout=T)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def status(self, name: str) -> dict:
-        return (self.get(name) or {}).get("status") or {}
-
-    def patch(self, name: str, body: dict) -> dict:
-        return self.api.patch_namespaced_custom_object(G, V, self.ns, names.MICROVMS, name, body, _request_timeout=T)
-
-    def delete(self, name: str) -> None:
-        self.api.delete_namespaced_custom_object(G, V, self.ns, names.MICROVMS, name, _request_timeout=T)
-
-    def list(self) -> list[dict]:
-        return self.api.list_namespaced_custom_object(G, V, self.ns, names.MICROVMS, _request_timeout=T)["items"]
 
     def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict:
         return wait_for(lambda: self.status(name) if self.status(name).get("phase") == phase else None, timeout,
                         f"{name} to be {phase}")
-
-    def condition(self, name: str, type_: str) -> dict:
-        return next((c for c in self.status(name).get("conditions") or [] if c["type"] == type_), {})
 
     def events(self, uid: str) -> list:
         evs = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.uid={uid}",

@@ -14,7 +14,6 @@ import uuid
 
 import pytest
 from harness.procs import wait_for
-from harness.worker_proc import celery_client, make_worker, netns, worker_kubeconfig  # noqa: F401
 from kubernetes import client
 
 from mikrom import broker, names
