@@ -20,6 +20,7 @@ import os
 import re
 import socketserver
 import sys
+import traceback  # noqa: F401 - socketserver's error report imports it lazily, after the uid drop
 
 READY_MARKER = "MIKROM-READY"
 
@@ -129,7 +130,8 @@ def main(argv: list[str]) -> int:
             if data:
                 self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(data)
+            if data:  # an empty write after the client read a 204 and hung up would be EPIPE
+                self.wfile.write(data)
 
         def address_string(self):
             return "api"
