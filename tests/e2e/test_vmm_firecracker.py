@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 from mikrom.worker import netdev
-from mikrom.worker.vmm import FirecrackerDriver, VMSpec, kvm_status, running_pid
+from mikrom.worker.vmm import FirecrackerDriver, JailerConfig, VMSpec, kvm_status, running_pid
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 60.0
 BRIDGE = "mkbr0"
 GATEWAY = "10.232.0.1"
 GUEST = "10.232.0.2"
+JAIL_UID = 64123
 
 
 def _missing() -> str | None:
@@ -59,15 +60,21 @@ def network():
     subprocess.run(["ip", "netns", "del", name], timeout=10)
 
 
+@pytest.mark.parametrize("jailed", [False, True], ids=["plain", "jailed"])
 def test_firecracker_vm_boots_answers_ping_and_stops_on_ctrl_alt_del(guest_image, network, tmp_path,
-                                                                     record_property):
+                                                                     record_property, jailed):
+    jailer = None
+    if jailed:
+        if not shutil.which("jailer"):
+            pytest.skip("the jailed boot needs Firecracker's jailer binary on PATH")
+        jailer = JailerConfig(uid=JAIL_UID, gid=JAIL_UID, chroot_base=str(tmp_path / "jail"))
     uid = str(uuid.uuid4())
     tap = netdev.tap_name_for_uid(uid)
-    netdev.ensure_tap(tap, BRIDGE, netns=network)
+    netdev.ensure_tap(tap, BRIDGE, netns=network, user=JAIL_UID if jailed else None)
     spec = VMSpec(uid=uid, name="fc-1", vcpus=1, memory_mib=128, kernel=str(guest_image / "vmlinux"),
                   initrd=str(guest_image / "initrd.img"), kernel_args=netdev.kernel_ip_arg(GUEST, GATEWAY, 24),
                   tap=tap, mac=netdev.mac_for_uid(uid), state_dir=tmp_path / "vm", netns=network)
-    driver = FirecrackerDriver()
+    driver = FirecrackerDriver(jailer=jailer)
     try:
         pid = driver.start(spec)
         boot = driver.wait_ready(spec, timeout=BOOT_TIMEOUT)
