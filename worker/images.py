@@ -202,6 +202,8 @@ def prepare_rootfs(src: str | os.PathLike, vm_dir: str | os.PathLike, name: str 
                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         if res.returncode != 0:
             raise RootfsCopyFailed(f"copying {src} failed: {res.stderr.strip()}")
+        # The VM's disk: writable by its VMM, private to it (the source may be a read-only cache entry).
+        os.chmod(tmp, 0o600)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -52,7 +52,7 @@ def make_files(tmp_path: Path, kernel_mode: int = 0o644) -> VMSpec:
     state.mkdir(parents=True)
     rootfs = state / "rootfs.ext4"
     rootfs.write_bytes(b"\0" * 4096)
-    rootfs.chmod(0o600)
+    rootfs.chmod(0o644)  # the jail makes it 0600 and the jail uid's
     return VMSpec(uid=UID, name="jailed", vcpus=2, memory_mib=128, kernel=str(kernel), initrd=str(initrd),
                   rootfs=str(rootfs), kernel_args="console=ttyS0", state_dir=state)
 
@@ -84,7 +84,7 @@ def test_a_jailed_vm_starts_unprivileged_with_chroot_paths_and_leaves_nothing_be
         assert os.stat(root / "vmlinux").st_ino == kernel_stat.st_ino
         assert (os.stat(spec.kernel).st_uid, os.stat(spec.kernel).st_mode) == (kernel_stat.st_uid, kernel_stat.st_mode)
         assert os.stat(root / "rootfs.ext4").st_ino == os.stat(spec.rootfs).st_ino
-        assert os.stat(spec.rootfs).st_uid == JAIL_UID
+        assert os.stat(spec.rootfs).st_uid == JAIL_UID and stat.S_IMODE(os.stat(spec.rootfs).st_mode) == 0o600
 
         record = json.loads((jail / "standin.json").read_text())
         argv = record["argv"]

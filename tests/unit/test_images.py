@@ -125,9 +125,11 @@ def test_each_vm_gets_its_own_sparse_copy_of_the_rootfs_made_once(tmp_path):
         f.write(b"head")
         f.seek(64 << 20)
         f.write(b"tail")
+    src.chmod(0o444)  # as a cached download is
     vm_dir = tmp_path / "vms" / "uid-1"
     copy = images.prepare_rootfs(src, vm_dir)
     assert copy.read_bytes()[:4] == b"head" and copy.stat().st_size == src.stat().st_size
+    assert copy.stat().st_mode & 0o777 == 0o600, "the VM's own disk is writable by its owner only"
     assert copy.stat().st_blocks * 512 < 8 << 20  # the hole stayed a hole
     copy.write_bytes(b"guest wrote this")
     assert images.prepare_rootfs(src, vm_dir) == copy

@@ -219,6 +219,8 @@ class FirecrackerDriver(Driver):
                                    check=True, timeout=600, stdin=subprocess.DEVNULL)
             if writable or not world_readable:
                 os.chown(dest, self.jailer.uid, self.jailer.gid)
+            if writable:
+                os.chmod(dest, 0o600)
 
     def _jailed_spec(self, spec: VMSpec) -> VMSpec:
         def inside(path: str | None) -> str | None:
