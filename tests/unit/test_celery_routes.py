@@ -32,3 +32,11 @@ def test_every_task_of_the_beat_schedule_is_registered_and_routed():
     for entry in app.conf.beat_schedule.values():
         assert entry["task"] in app.tasks
         assert route_task(entry["task"], (), {}, {})["queue"] in (names.BROADCAST_QUEUE, names.DEFAULT_QUEUE)
+
+
+@pytest.mark.parametrize("task", [names.HEALTH_CHECK, names.SYNC_VM_STATUS, names.CREATE_VM])
+def test_a_queue_named_by_the_caller_wins(task):
+    assert route_task(task, (), {"node": "kvm-1"}, {"queue": "mikrom.node.kvm-2"}) is None
+    message = app.amqp.router.route({"queue": "mikrom"}, task, (), {"node": "kvm-1"})
+    assert message["queue"].name == "mikrom"
+    assert message["queue"].exchange.name == "mikrom" and message["queue"].exchange.type == "direct"
