@@ -15,6 +15,8 @@
 #   - mounts proc, sys and dev, loads the virtio/ACPI-button modules the cloud kernel builds as modules;
 #   - reads `ip=<guest>::<gateway>:<netmask>::eth0:off` (the kernel's nfsroot format; this kernel has
 #     no IP autoconfiguration, so /init applies it) and configures eth0 with busybox `ip`;
+#   - with `mikrom.disk=1` on the command line, mounts the ext4 disk /dev/vda, appends to its
+#     /boots and prints `MIKROM-DISK id=<its /id> boots=<lines in /boots>`;
 #   - prints the marker line MIKROM-READY on the console and waits;
 #   - powers off on SIGTERM/SIGUSR2 (busybox `poweroff`) and on the ACPI power button (QEMU
 #     `system_powerdown`, through busybox acpid); reboots on Ctrl-Alt-Del (SIGINT; Firecracker's
@@ -25,7 +27,7 @@ want_vmlinux=0
 for arg in "$@"; do
     case "$arg" in
         --vmlinux) want_vmlinux=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "test-image.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -201,6 +203,22 @@ IPEOF
     ip link set "$dev" up
     [ -n "$gw" ] && ip route add default via "$gw" dev "$dev"
     echo "mikrom: $dev $addr/$prefix gateway ${gw:-none}"
+fi
+
+# A disk on the first virtio-blk device (the VM's rootfs, ext4): when the command line says
+# mikrom.disk=1, mount it, print what its /id holds and append a line to its /boots, so a test can
+# tell the guest booted with its own writable copy and that the copy outlives a restart.
+if grep -q "mikrom.disk=1" /proc/cmdline; then
+    n=0
+    while [ ! -e /dev/vda ] && [ "$n" -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+    mkdir -p /mnt
+    if mount -t ext4 /dev/vda /mnt; then
+        echo "boot" >> /mnt/boots
+        sync
+        echo "MIKROM-DISK id=$(cat /mnt/id 2>/dev/null) boots=$(wc -l < /mnt/boots)"
+    else
+        echo "MIKROM-DISK none"
+    fi
 fi
 
 echo "MIKROM-READY"

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -185,6 +187,48 @@ def test_an_image_path_leading_out_through_a_symlink_is_refused_before_anything_
     assert vmm_pids(worker.state_dir) == []
     assert not link_exists(netns, netdev.tap_name_for_uid(uid))
     assert secret.read_bytes() == b"not for guests"
+
+
+def test_an_ext4_rootfs_is_the_vms_own_copy_and_keeps_its_writes_across_a_restart(
+        fleet, make_worker, netns, guest_image_dir, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("vmlinuz", "initrd.img"):
+        os.link(guest_image_dir / name, images / name) if _same_fs(guest_image_dir, images) else \
+            (images / name).write_bytes((guest_image_dir / name).read_bytes())
+    token = uuid.uuid4().hex
+    content = tmp_path / "disk"
+    content.mkdir()
+    (content / "id").write_text(token + "\n")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "mikrom-test", "-d", str(content), str(images / "rootfs.ext4"),
+                    "16M"], check=True, timeout=60, capture_output=True)
+    original = _sha256(images / "rootfs.ext4")
+    worker = make_worker(netns=netns, image_dir=images)
+    fleet.node = worker.node
+    fleet.create("disk", network=False, image={
+        "kernel": {"path": "vmlinuz"}, "initrd": {"path": "initrd.img"}, "rootfs": {"path": "rootfs.ext4"},
+        "kernelArgs": "console=ttyS0 reboot=k panic=1 mikrom.disk=1"})
+    fleet.wait_phase("disk", "Running", timeout=120, avoid=("Failed",))
+    uid = fleet.get("disk")["metadata"]["uid"]
+    vm_dir = worker.vms_dir / uid
+    assert f"MIKROM-DISK id={token} boots=1" in (vm_dir / "console.log").read_text(errors="replace")
+
+    # stopped and started again: the same disk, with the first boot's write on it
+    fleet.patch("disk", {"spec": {"runStrategy": "Halted"}})
+    fleet.wait_phase("disk", "Stopped", timeout=60, avoid=("Failed",))
+    fleet.patch("disk", {"spec": {"runStrategy": "Always"}})
+    fleet.wait_phase("disk", "Running", timeout=120, avoid=("Failed",))
+    assert f"MIKROM-DISK id={token} boots=2" in (vm_dir / "console.log").read_text(errors="replace")
+    disks = [p for p in vm_dir.iterdir() if p.suffix in (".img", ".ext4")]
+    assert len(disks) == 1, disks
+    boots = subprocess.run(["debugfs", "-R", "cat /boots", str(disks[0])], capture_output=True, text=True,
+                           timeout=30).stdout
+    assert boots.split() == ["boot", "boot"]
+    assert _sha256(images / "rootfs.ext4") == original, "the image itself is never written"
+
+    fleet.delete("disk")
+    fleet.wait_gone("disk", timeout=60)
+    assert not vm_dir.exists()
 
 
 def _same_fs(a: Path, b: Path) -> bool:
