@@ -166,12 +166,8 @@ def test_an_image_path_with_dotdot_or_absolute_is_refused_by_the_api_server(flee
 
 
 def test_an_image_path_leading_out_through_a_symlink_is_refused_before_anything_is_touched(
-        fleet, make_worker, netns, guest_image_dir, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for name in ("vmlinuz", "initrd.img"):
-        os.link(guest_image_dir / name, images / name) if _same_fs(guest_image_dir, images) else \
-            (images / name).write_bytes((guest_image_dir / name).read_bytes())
+        fleet, make_worker, netns, own_image_dir, tmp_path):
+    images = own_image_dir
     secret = tmp_path / "outside.img"
     secret.write_bytes(b"not for guests")
     (images / "rootfs.img").symlink_to(secret)
@@ -190,12 +186,8 @@ def test_an_image_path_leading_out_through_a_symlink_is_refused_before_anything_
 
 
 def test_an_ext4_rootfs_is_the_vms_own_copy_and_keeps_its_writes_across_a_restart(
-        fleet, make_worker, netns, guest_image_dir, tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for name in ("vmlinuz", "initrd.img"):
-        os.link(guest_image_dir / name, images / name) if _same_fs(guest_image_dir, images) else \
-            (images / name).write_bytes((guest_image_dir / name).read_bytes())
+        fleet, make_worker, netns, own_image_dir, tmp_path):
+    images = own_image_dir
     token = uuid.uuid4().hex
     content = tmp_path / "disk"
     content.mkdir()
@@ -231,8 +223,17 @@ def test_an_ext4_rootfs_is_the_vms_own_copy_and_keeps_its_writes_across_a_restar
     assert not vm_dir.exists()
 
 
-def _same_fs(a: Path, b: Path) -> bool:
-    return os.stat(a).st_dev == os.stat(b).st_dev
+@pytest.fixture
+def own_image_dir(guest_image_dir, tmp_path) -> Path:
+    """An image directory of the test's own holding the guest's kernel and initrd, to add files to."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("vmlinuz", "initrd.img"):
+        if os.stat(guest_image_dir).st_dev == os.stat(images).st_dev:
+            os.link(guest_image_dir / name, images / name)
+        else:
+            (images / name).write_bytes((guest_image_dir / name).read_bytes())
+    return images
 
 
 def test_a_vm_whose_vmm_dies_is_restarted_under_always_and_one_that_powers_off_under_once_succeeds(
