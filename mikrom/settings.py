@@ -57,6 +57,13 @@ class Settings:
     """A worker that cannot heartbeat for this long stops its own VMs."""
     progress_timeout_seconds: float = 120.0
     """A VM in a transitional phase with no worker progress this long is re-dispatched."""
+    reschedule_lost_vms: bool = True
+    """Place `runStrategy` Always and RerunOnFailure MicroVMs not pinned by `nodeName` on another
+    node once theirs has sent no heartbeat for `selfFenceAfterSeconds` + `rescheduleMarginSeconds`
+    (its worker has stopped them by then). The lost node removes its copy when it returns."""
+    reschedule_margin_seconds: float = 30.0
+    """Margin past `selfFenceAfterSeconds` before a lost node's VMs are placed elsewhere (clock
+    skew, the worker's heartbeat period)."""
     max_dispatch_attempts: int = 4
     """Dispatches of one intent before the VM is marked Failed (reason NoProgress)."""
     dispatch_backoff_seconds: float = 5.0

@@ -50,6 +50,36 @@ def health(node: Mapping | None, now: float, lost_after: float) -> Health:
     return Health(True, "HeartbeatCurrent", "the worker's heartbeat is current")
 
 
+RESCHEDULABLE = frozenset({names.RunStrategy.ALWAYS.value, names.RunStrategy.RERUN_ON_FAILURE.value})
+
+
+def lost_for(node: Mapping | None, vm_status: Mapping, now: float) -> float | None:
+    """Seconds since the VM's node was last known alive: its last heartbeat, or, with no node object
+    or heartbeat left, since the VM was marked unreachable. None when nothing says."""
+    beat = ((node or {}).get("status") or {}).get("lastHeartbeatTime")
+    if beat:
+        return now - conditions.parse_time(beat).timestamp()
+    reach = conditions.get(vm_status.get("conditions"), names.NODE_REACHABLE)
+    if reach and reach.get("status") == "False" and reach.get("lastTransitionTime"):
+        return now - conditions.parse_time(reach["lastTransitionTime"]).timestamp()
+    return None
+
+
+def reschedule_due(vm: Mapping, node: Mapping | None, now: float, fence_after: float, margin: float) -> float | None:
+    """How long the VM's node has been lost, when that is past the node's self-fence time plus the
+    margin and the VM should run somewhere (`runStrategy` Always or RerunOnFailure, no `nodeName`,
+    not finished or being deleted); else None."""
+    spec, status = vm.get("spec") or {}, vm.get("status") or {}
+    if spec.get("nodeName") or (vm.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    if spec.get("runStrategy", names.RunStrategy.ALWAYS.value) not in RESCHEDULABLE:
+        return None
+    if status.get("phase") in (Phase.SUCCEEDED.value, Phase.DELETING.value):
+        return None
+    gone = lost_for(node, status, now)
+    return gone if gone is not None and gone > fence_after + margin else None
+
+
 def status_patch(node: Mapping, allocated: tuple[int, int, int], h: Health) -> dict | None:
     """The operator's fields of MicroVMNode.status that differ from what they should be."""
     status = node.get("status") or {}

@@ -106,6 +106,13 @@ def _follow(vm: dict) -> None:
     node = st["node"]
     health = nodes.health(STATE.node(node), time.time(), SETTINGS.node_lost_after_seconds)
     if not health.ready:
+        gone = nodes.reschedule_due(vm, STATE.node(node), time.time(), SETTINGS.self_fence_after_seconds,
+                                    SETTINGS.reschedule_margin_seconds) if SETTINGS.reschedule_lost_vms else None
+        if gone is not None:
+            evicted = _evict(vm, node, gone)
+            if evicted is not None:
+                _schedule(evicted)
+            return
         _mark_unreachable(vm, node, health)
         return
     vm = _mark_reachable(vm, node)
@@ -195,6 +202,37 @@ def _mark_unreachable(vm: dict, node: str, health: nodes.Health) -> None:
     written = update_vm(vm, compute)
     if written is not None and "phase" in written.patch:
         emit(written.body, names.NODE_LOST, f"{message}; phase Unknown until the node returns", warning=True)
+
+
+# What the lost node's worker reported about the VM; the new node's worker writes its own.
+_NODE_FIELDS = ("ipAddress", "macAddress", "pid", "startedAt", "bootSeconds", "vmm", "activeShape", "dispatch",
+                "finishedAt", "cleanedUpAt")
+
+
+def _evict(vm: dict, node: str, gone: float) -> dict | None:
+    """Take the VM off its lost node so that placement finds it another; the body as written."""
+    message = (f"MicroVMNode {node} has sent no heartbeat for {gone:.0f}s, past selfFenceAfterSeconds "
+               f"({SETTINGS.self_fence_after_seconds:g}s) plus rescheduleMarginSeconds "
+               f"({SETTINGS.reschedule_margin_seconds:g}s), so its worker has stopped the VM: placing it "
+               f"again; {node} removes what it held when it returns")
+
+    def compute(current: dict) -> dict | None:
+        st = _status(current)
+        if st.get("node") != node or current["metadata"].get("deletionTimestamp"):
+            return None
+        conds = [c for c in st.get("conditions") or [] if c.get("type") != names.NODE_REACHABLE]
+        conds, _ = conditions.set_condition(conds, names.SCHEDULED, False, names.RESCHEDULING, message,
+                                            _generation(current))
+        conds, _ = conditions.set_condition(conds, names.READY, False, names.RESCHEDULING, message)
+        return {"phase": Phase.PENDING.value, "node": None, "reason": names.RESCHEDULING, "message": message,
+                "conditions": conds, **{f: None for f in _NODE_FIELDS if f in st}}
+
+    written = update_vm(vm, compute)
+    if written is None:
+        return None
+    STATE.release(vm["metadata"]["uid"])
+    emit(written.body, names.RESCHEDULING, message, warning=True)
+    return written.body
 
 
 def _mark_reachable(vm: dict, node: str) -> dict:

@@ -126,7 +126,10 @@ class FakeWorker:
             return
         for uid, (ns, name) in list(node.running.items()):
             vm = self._get(ns, name)
-            if vm and vm["metadata"]["uid"] == uid and (vm.get("status") or {}).get("phase") == "Unknown":
+            st = (vm or {}).get("status") or {}
+            if vm and vm["metadata"]["uid"] == uid and st.get("node") != node.name:
+                node.running.pop(uid, None)  # placed elsewhere while this node was lost: let go
+            elif vm and vm["metadata"]["uid"] == uid and st.get("phase") == "Unknown":
                 self._patch(ns, name, uid, lambda cur: {"phase": "Running", "reason": "", "message": "running"})
 
     # ------------------------------------------------------------------ messages

@@ -1,6 +1,7 @@
 """Node loss: a node whose heartbeat stops is NotReady and its VMs Unknown within
 nodeLostAfterSeconds + 10 s; when the heartbeat returns, the node is Ready and the VMs reachable
-and Running again."""
+and Running again. Past the node's self-fence time plus a margin, VMs that should run and are not
+pinned to it are placed on another node."""
 
 from __future__ import annotations
 
@@ -54,3 +55,41 @@ def test_vms_of_a_node_whose_heartbeat_stops_become_unknown_and_come_back(operat
              == "True", 10, "the node to be Ready")
     mvms.wait_events(uid, names.NODE_RECOVERED)
     mvms.wait_phase("new", "Running", timeout=15)  # and it takes VMs again
+
+
+def test_vms_that_should_run_leave_a_node_lost_past_its_self_fence_time(operators, worker, mvms):
+    sel = {"test": mvms.label}
+    lost, spare = f"gone-{mvms.label}", f"spare-{mvms.label}"
+    fence, margin = 8.0, 2.0
+    worker.add_node(lost, vcpus=4, labels=sel)
+    operators(env={"MIKROM_SELF_FENCE_AFTER_SECONDS": str(fence), "MIKROM_RESCHEDULE_MARGIN_SECONDS": str(margin)})
+    mvms.create("mover", nodeSelector=sel)  # runStrategy Always by default
+    mvms.create("pinned", nodeSelector=sel, nodeName=lost)
+    mvms.create("once", nodeSelector=sel, runStrategy="Once")
+    for name in ("mover", "pinned", "once"):
+        assert mvms.wait_phase(name, "Running")["node"] == lost
+    uid = mvms.get("mover")["metadata"]["uid"]
+    worker.add_node(spare, vcpus=4, labels=sel)
+
+    worker.stop_heartbeat(lost)
+    stopped = time.monotonic()
+    mvms.wait_phase("mover", "Unknown", timeout=LOST_AFTER + 10)
+    st = wait_for(lambda: (s := mvms.status("mover")).get("node") == spare and s.get("phase") == "Running" and s,
+                  fence + margin + 15, "mover to run on the spare node")
+    took = time.monotonic() - stopped
+    # not before the fence time plus the margin (the last beat was up to 1 s before the stop, and
+    # its timestamp has whole seconds)
+    assert took >= fence + margin - 2.5, took
+    [event] = mvms.wait_events(uid, names.RESCHEDULING)
+    assert event.type == "Warning" and lost in event.message and "selfFenceAfterSeconds" in event.message
+    assert len(worker.messages(node=spare, uid=uid, task=names.CREATE_VM)) == 1
+    assert mvms.condition("mover", names.NODE_REACHABLE) == {}, "reachability was about the old node"
+    assert mvms.condition("mover", names.SCHEDULED)["status"] == "True"
+    for name in ("pinned", "once"):  # pinned to the node, or not to be run again: they wait for it
+        st = mvms.status(name)
+        assert (st["node"], st["phase"]) == (lost, "Unknown"), (name, st)
+
+    worker.resume_heartbeat(lost)
+    mvms.wait_phase("pinned", "Running", timeout=15)
+    mvms.wait_phase("once", "Running", timeout=15)
+    assert mvms.status("mover")["node"] == spare
