@@ -48,8 +48,13 @@ def reconcile_locked(ctx, namespace: str, name: str, uid: str, lock_timeout: flo
 
 
 def sync_node(ctx, lock_timeout: float = 0.5) -> dict:
-    """Reconcile every VM assigned to this node; a VM busy with a task is left to that task."""
-    mine = _mine(ctx, kube.list_vms())
+    """Reconcile every VM assigned to this node, and every VM this node still holds that is now
+    assigned elsewhere (placed on another node while this one was lost: reconciling it re-reads the
+    object under its lock and removes what this node held). A VM busy with a task is left to it."""
+    vms = kube.list_vms()
+    held = set(local_uids(ctx.runtime.vms_dir))
+    mine = _mine(ctx, vms) + [vm for vm in vms if vm["metadata"]["uid"] in held
+                              and (vm.get("status") or {}).get("node") != ctx.node]
 
     def one(vm: dict) -> str:
         meta = vm["metadata"]

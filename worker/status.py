@@ -87,6 +87,10 @@ class StatusWriter:
                 fresh = kube.get_vm(meta["namespace"], meta["name"])
                 if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
                     return None
+                if (fresh.get("status") or {}).get("node") != self.node:
+                    # placed elsewhere meanwhile (the operator rescheduled it off a lost node):
+                    # no longer this node's to report; the caller removes what it holds
+                    return None
                 vm = fresh
                 continue
             self._record(vm, updated, phase, reason, message, event_reason, event)
