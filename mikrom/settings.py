@@ -48,6 +48,11 @@ class Settings:
     sync_interval_seconds: float = 30.0
     """Period of `sync_vm_status` (broadcast to every node)."""
 
+    metrics_port: int = 9464
+    """Port of the Prometheus endpoint (`/metrics`) of the operator or the worker; 0: none."""
+    metrics_address: str = "0.0.0.0"
+    """Address the Prometheus endpoint listens on."""
+
     # operator
     namespace: str = ""
     """Watch only this namespace for MicroVMs; empty: all namespaces."""

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from mikrom import broker, conditions, names
+from mikrom import broker, conditions, metrics, names
 from mikrom.models import VMRef
 from mikrom.names import Intent
 
@@ -90,10 +90,12 @@ def deliver(body: dict, why: str, because: str = "", reason: str = names.DISPATC
         try:
             send(ref, node, d["taskId"])
             BREAKER.closed()
+            metrics.DISPATCHES.labels(intent.value, why).inc()
         except Exception as exc:  # noqa: BLE001 - kombu and redis raise many kinds; all mean "not sent"
             error = _reason(exc)
             BREAKER.tripped(error)
     if error is not None:
+        metrics.DISPATCH_FAILURES.labels(intent.value).inc()
         if because and reason != names.DISPATCHED:
             emit(body, reason, because, warning=warning)  # the transition happened; the message is late
         uid = meta["uid"]

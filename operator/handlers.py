@@ -17,9 +17,10 @@ import logging
 
 import kopf
 
-from mikrom import names
+from mikrom import metrics, names
 
 from . import main, nodes, pools, scheduler, vms
+from .collector import OperatorCollector
 from .dispatch import DispatchRetry
 from .state import SETTINGS, STATE
 
@@ -33,6 +34,8 @@ POOLS = (names.GROUP, names.VERSION, names.IPPOOLS)
 @kopf.on.startup()
 async def operator_startup(settings: kopf.OperatorSettings, **_) -> None:
     main.configure(settings, SETTINGS)
+    metrics.register_collector(OperatorCollector())
+    metrics.serve(SETTINGS, "operator")
     scheduler.SWEEPER.attach(asyncio.get_running_loop(), settings.execution.executor, _sweep)
     STATE.waker = scheduler.SWEEPER.wake
     await asyncio.get_running_loop().run_in_executor(settings.execution.executor, main.ensure_peering, settings, SETTINGS)

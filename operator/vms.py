@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from mikrom import conditions, names
+from mikrom import conditions, metrics, names
 from mikrom.names import Intent, Phase
 
 from . import dispatch, lifecycle, nodes, scheduler, validation
@@ -231,6 +231,7 @@ def _evict(vm: dict, node: str, gone: float) -> dict | None:
     if written is None:
         return None
     STATE.release(vm["metadata"]["uid"])
+    metrics.RESCHEDULES.inc()
     emit(written.body, names.RESCHEDULING, message, warning=True)
     return written.body
 

@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from mikrom import kube, names
+from mikrom import kube, metrics, names
 from mikrom.names import Phase, RunStrategy
 
 from . import images, ipalloc, runtime as rt, vmm
@@ -265,8 +265,11 @@ class Reconciler:
         if meta.get("lastReason"):
             local.update_meta(lastReason=None)
         ip = f" at {address.ip}" if address else ""
+        was = (vm.get("status") or {}).get("phase")
         self._write(vm, Phase.RUNNING.value, "Running",
                     f"running{ip} (pid {obs.pid}, booted in {obs.boot_seconds}s)", fields, event_reason=event_reason)
+        if was != Phase.RUNNING.value and obs.boot_seconds is not None:
+            metrics.BOOT_SECONDS.observe(obs.boot_seconds)  # each boot once, not each re-report
 
     @staticmethod
     def _identity(vmm_name, address, pid) -> dict:

@@ -14,7 +14,7 @@ import logging
 
 from kubernetes.client.rest import ApiException
 
-from mikrom import conditions, kube, names
+from mikrom import conditions, kube, metrics, names
 from mikrom.names import Phase
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class StatusWriter:
     def _record(self, before: dict, after: dict, phase, reason, message, event_reason, event) -> None:
         events = [event] if event else []
         if phase is not None and phase != (before.get("status") or {}).get("phase"):
+            metrics.PHASES.labels(phase).inc()
             if phase == Phase.FAILED.value:
                 events.append(("Warning", event_reason or reason or "Failed", message or "the VM failed"))
             else:

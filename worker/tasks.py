@@ -21,11 +21,12 @@ import os
 from celery import signals
 from pydantic import ValidationError
 
-from mikrom import kube, names
+from mikrom import kube, metrics, names
 from mikrom.celery_app import app
 from mikrom.models import VMRef
 
 from . import context, errors, maintenance
+from .collector import WorkerCollector
 
 log = logging.getLogger(__name__)
 
@@ -151,17 +152,30 @@ def generate_report(namespace: str | None = None):
     context.get()  # configures the API client
     ns = namespace or os.environ.get("POD_NAMESPACE") or "mikrom"
     report = maintenance.fleet_report(ns)
+    metrics.FLEET_VMS.clear()
+    for phase, count in report["phases"].items():
+        metrics.FLEET_VMS.labels(phase).set(count)
     return {"namespace": ns, "configMap": maintenance.REPORT_CONFIGMAP, "vmCount": report["vmCount"],
             "phases": report["phases"]}
 
 
 # ------------------------------------------------------------------------------------ process
 
+@signals.task_postrun.connect
+def _count_task(sender=None, state=None, **_):
+    metrics.TASKS.labels(getattr(sender, "name", "unknown"), state or "UNKNOWN").inc()
+
+
 @signals.worker_ready.connect
 def _start_node_agent(sender=None, **_):
-    """Register the node, heartbeat, adopt running VMs: in background greenlets."""
+    """Register the node, heartbeat, adopt running VMs: in background greenlets; serve metrics."""
+    if getattr(sender, "app", app) is not app:
+        return  # another Celery app's worker in this process (signals are global)
     try:
-        context.get().start_background()
+        ctx = context.get()
+        metrics.register_collector(WorkerCollector(ctx))
+        metrics.serve(ctx.settings, "worker")
+        ctx.start_background()
     except Exception:  # a broken kubeconfig must show in the log, not vanish in a signal handler
         log.exception("cannot start the node agent (registration, heartbeats, adoption)")
         raise

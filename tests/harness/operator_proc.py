@@ -94,6 +94,7 @@ def service_account_kubeconfig(cp, path: Path) -> Path:
 class Operator:
     proc: procs.Proc
     liveness_port: int
+    metrics_port: int = 0
 
     @property
     def name(self) -> str:
@@ -162,7 +163,8 @@ def start(cp, redis_url: str, workdir: Path, name: str, kubeconfig: Path, namesp
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MIKROM_") and k != "KUBECONFIG"}
     full_env.update(TEST_ENV)
     full_env.update({"KUBECONFIG": str(kubeconfig), "MIKROM_BROKER_URL": redis_url, "MIKROM_NAMESPACE": namespace,
-                     "PYTHONUNBUFFERED": "1"})
+                     "PYTHONUNBUFFERED": "1", "MIKROM_METRICS_ADDRESS": "127.0.0.1",
+                     "MIKROM_METRICS_PORT": str(procs.free_port())})
     full_env.update(env or {})
     proc = procs.start(name, argv, workdir, env=full_env, cwd=str(workdir))
-    return Operator(proc=proc, liveness_port=port)
+    return Operator(proc=proc, liveness_port=port, metrics_port=int(full_env["MIKROM_METRICS_PORT"]))

@@ -104,6 +104,10 @@ class WorkerProc:
             time.sleep(0.2)
         raise TimeoutError(f"worker did not log {text!r} within {timeout}s:\n{self.proc.tail(80)}")
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['MIKROM_METRICS_PORT']}/metrics"
+
     def log_text(self) -> str:
         try:
             return self.proc.log.read_text(errors="replace")
@@ -168,6 +172,8 @@ def worker_env(*, kubeconfig: Path, broker_url: str, node: str, state_dir: Path,
         "MIKROM_QEMU_ACCEL": "tcg",
         "POD_NAMESPACE": SA_NAMESPACE,
         "PYTHONUNBUFFERED": "1",
+        "MIKROM_METRICS_ADDRESS": "127.0.0.1",
+        "MIKROM_METRICS_PORT": str(procs.free_port()),
     })
     if netns:
         env["MIKROM_NETNS"] = netns

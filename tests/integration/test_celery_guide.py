@@ -17,7 +17,8 @@ CELERY = [sys.executable, "-m", "celery", "-A", "mikrom.celery_app"]
 
 def _env(redis, **extra):
     env = dict(os.environ)
-    env.update(MIKROM_BROKER_URL=redis.url(db=3), **extra)
+    env.update(MIKROM_BROKER_URL=redis.url(db=3), MIKROM_METRICS_ADDRESS="127.0.0.1",
+               MIKROM_METRICS_PORT=str(procs.free_port()), **extra)
     return env
 
 

@@ -13,6 +13,7 @@ import redis
 import yaml
 from harness.fake_worker import message_has_no_spec
 from harness.procs import wait_for
+from harness.scrape import scrape
 from harness import binaries
 
 from mikrom import names
@@ -67,6 +68,13 @@ def test_applied_example_sends_exactly_one_reference_only_message_to_its_node(mi
     assert [e.reason for e in mvms.events(uid)] == [names.SCHEDULED]  # one Event for one transition
     sent = [d for d in op.dispatches() if d["vm_uid"] == uid]
     assert [(d["intent"], d["why"], d["redispatch"]) for d in sent] == [("create", "new", False)]
+
+    # the operator's Prometheus endpoint counts the send and shows the VM and its node
+    samples = scrape(f"http://127.0.0.1:{op.metrics_port}/metrics")
+    assert samples['mikrom_operator_dispatches_total{intent="create",why="new"}'] == 1
+    assert samples['mikrom_microvms{phase="Running"}'] == 1
+    assert samples['mikrom_microvmnodes{ready="True"}'] >= 1
+    assert samples.get('mikrom_operator_dispatch_failures_total{intent="create"}', 0) == 0
 
 
 def test_node_and_pool_status_show_what_the_vms_hold(mikrom_cluster, operators, worker, mvms):

@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 from harness.procs import wait_for
+from harness.scrape import scrape
 from kubernetes import client
 
 from mikrom import broker, names
@@ -272,3 +273,19 @@ def test_the_workers_service_account_cannot_change_specs_or_touch_secrets(contro
     assert can("patch", "microvms.mikrom.io", "-n", "default") == "no"
     assert can("get", "secrets", "-n", "mikrom") == "no"
     assert can("patch", "ippools.mikrom.io") == "no"
+
+
+def test_the_worker_serves_prometheus_metrics_of_its_tasks_heartbeat_and_fleet(worker, custom, namespace,
+                                                                              celery_client):
+    make_vm(custom, namespace, "measured", worker.node)
+    celery_client.send_task(names.HEALTH_CHECK, queue=names.node_queue(worker.node)).get(timeout=30)
+    celery_client.send_task(names.GENERATE_REPORT, queue=names.node_queue(worker.node)).get(timeout=30)
+    samples = wait_for(lambda: (s := scrape(worker.metrics_url)).get(
+        f'mikrom_worker_tasks_total{{state="SUCCESS",task="{names.GENERATE_REPORT}"}}') and s, 10,
+        "the report task to be counted")
+    assert samples[f'mikrom_worker_tasks_total{{state="SUCCESS",task="{names.HEALTH_CHECK}"}}'] >= 1
+    assert 0 <= samples[f'mikrom_worker_heartbeat_age_seconds{{node="{worker.node}"}}'] < 10
+    assert samples[f'mikrom_worker_fenced{{node="{worker.node}"}}'] == 0
+    assert samples[f'mikrom_worker_vmm_processes{{node="{worker.node}"}}'] == 0
+    assert sum(v for k, v in samples.items() if k.startswith("mikrom_fleet_vms{")) >= 1
+    assert "mikrom_vm_boot_seconds_count" in samples
