@@ -84,6 +84,7 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
+        mikrom_log_format=settings.log_format,
         timezone="UTC",
         enable_utc=True,
         beat_schedule=beat_schedule(settings),

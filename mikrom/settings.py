@@ -48,6 +48,9 @@ class Settings:
     sync_interval_seconds: float = 30.0
     """Period of `sync_vm_status` (broadcast to every node)."""
 
+    log_format: str = "text"
+    """Worker log lines: `text` (Celery's format) or `json` (one object per line, as the operator
+    writes them)."""
     metrics_port: int = 9464
     """Port of the Prometheus endpoint (`/metrics`) of the operator or the worker; 0: none."""
     metrics_address: str = "0.0.0.0"

@@ -161,6 +161,20 @@ def generate_report(namespace: str | None = None):
 
 # ------------------------------------------------------------------------------------ process
 
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger=None, **_):
+    """MIKROM_LOG_FORMAT=json: one JSON object per line from the worker and its tasks."""
+    if app.conf.get("mikrom_log_format", "text") != "json" or logger is None:
+        return
+    from pythonjsonlogger.json import JsonFormatter  # kopf's dependency; the operator logs through it too
+
+    formatter = JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                              rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
+    for handler in logger.handlers:
+        handler.setFormatter(formatter)
+
+
 @signals.task_postrun.connect
 def _count_task(sender=None, state=None, **_):
     metrics.TASKS.labels(getattr(sender, "name", "unknown"), state or "UNKNOWN").inc()

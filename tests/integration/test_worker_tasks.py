@@ -289,3 +289,20 @@ def test_the_worker_serves_prometheus_metrics_of_its_tasks_heartbeat_and_fleet(w
     assert samples[f'mikrom_worker_vmm_processes{{node="{worker.node}"}}'] == 0
     assert sum(v for k, v in samples.items() if k.startswith("mikrom_fleet_vms{")) >= 1
     assert "mikrom_vm_boot_seconds_count" in samples
+
+
+def test_with_json_logs_every_worker_log_record_is_one_json_object(make_worker, netns, celery_client):
+    worker = make_worker(netns=netns, log_format="json")
+    celery_client.send_task(names.HEALTH_CHECK, queue=names.node_queue(worker.node)).get(timeout=30)
+    worker.wait_log("health of", 20)
+    records = []
+    for line in worker.log_text().splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    by_message = {r["message"]: r for r in records}
+    registered = next(r for m, r in by_message.items() if m.startswith(f"registered MicroVMNode {worker.node}"))
+    assert registered["level"] == "INFO" and registered["logger"] and registered["time"]
+    assert any(m.startswith(f"health of {worker.node}") for m in by_message)  # a task's own log line
+    # nothing logged as plain text: the only other lines are Celery's start-up banner on stdout
+    plain = [line for line in worker.log_text().splitlines() if line.strip() and not line.startswith("{")]
+    assert not any(" INFO/" in line or "[INFO" in line or "] INFO" in line for line in plain), plain[:10]
