@@ -56,6 +56,15 @@ class JailerConfig:
     memory plus MEMORY_HEADROOM_MIB for Firecracker itself (cgroup v2 only)."""
 
 
+def _hard_link(src: str, dest: Path) -> bool:
+    """Link `dest` to `src`; False when they are on different filesystems (or linking fails)."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        return False
+    return True
+
+
 class UnixHTTPConnection(http.client.HTTPConnection):
     """http.client over a unix socket, with the connection's timeout on connect and every read."""
 
@@ -208,16 +217,12 @@ class FirecrackerDriver(Driver):
             if not path:
                 continue
             dest = root / Path(path).name
-            world_readable = os.stat(path).st_mode & 0o004
-            if not dest.exists():
-                try:
-                    if not (writable or world_readable):
-                        raise OSError("a private copy is needed")
-                    os.link(path, dest)
-                except OSError:
-                    subprocess.run(["cp", "--reflink=auto", "--sparse=always", path, str(dest)],
-                                   check=True, timeout=600, stdin=subprocess.DEVNULL)
-            if writable or not world_readable:
+            # a shared image only root may read: the jail gets a copy of its own
+            private = not writable and not os.stat(path).st_mode & 0o004
+            if not dest.exists() and (private or not _hard_link(path, dest)):
+                subprocess.run(["cp", "--reflink=auto", "--sparse=always", path, str(dest)],
+                               check=True, timeout=600, stdin=subprocess.DEVNULL)
+            if writable or private:
                 os.chown(dest, self.jailer.uid, self.jailer.gid)
             if writable:
                 os.chmod(dest, 0o600)
