@@ -104,9 +104,10 @@ def _set_waiting(vm: dict, phase: Phase, reason: str, message: str) -> None:
 def _follow(vm: dict) -> None:
     st = _status(vm)
     node = st["node"]
-    health = nodes.health(STATE.node(node), time.time(), SETTINGS.node_lost_after_seconds)
+    node_obj, now = STATE.node(node), time.time()
+    health = nodes.health(node_obj, now, SETTINGS.node_lost_after_seconds)
     if not health.ready:
-        gone = nodes.reschedule_due(vm, STATE.node(node), time.time(), SETTINGS.self_fence_after_seconds,
+        gone = nodes.reschedule_due(vm, node_obj, now, SETTINGS.self_fence_after_seconds,
                                     SETTINGS.reschedule_margin_seconds) if SETTINGS.reschedule_lost_vms else None
         if gone is not None:
             evicted = _evict(vm, node, gone)
