@@ -29,12 +29,12 @@ class MicroVMClient:
                                                         _request_timeout=T)
 
     def get(self, name: str) -> dict | None:
-        try:
-            return self.api.get_namespaced_custom_object(G, V, self.ns, PLURAL, name, _request_timeout=T)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return _or_none(lambda: self.api.get_namespaced_custom_object(G, V, self.ns, PLURAL, name,
+                                                                      _request_timeout=T))
+
+    def cluster_object(self, plural: str, name: str) -> dict | None:
+        """A cluster-scoped Mikrom object (a MicroVMNode or an IPPool), or None."""
+        return _or_none(lambda: self.api.get_cluster_custom_object(G, V, plural, name, _request_timeout=T))
 
     def status(self, name: str) -> dict:
         return (self.get(name) or {}).get("status") or {}
@@ -53,3 +53,12 @@ class MicroVMClient:
 
     def names(self) -> list[str]:
         return [vm["metadata"]["name"] for vm in self.list()]
+
+
+def _or_none(read):
+    try:
+        return read()
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise

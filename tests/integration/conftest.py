@@ -129,20 +129,10 @@ class MicroVMs(MicroVMClient):
                         f"{count} {reason} event(s)")
 
     def node(self, name: str) -> dict | None:
-        try:
-            return self.api.get_cluster_custom_object(G, V, names.MICROVMNODES, name, _request_timeout=T)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self.cluster_object(names.MICROVMNODES, name)
 
     def pool(self, name: str) -> dict | None:
-        try:
-            return self.api.get_cluster_custom_object(G, V, names.IPPOOLS, name, _request_timeout=T)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self.cluster_object(names.IPPOOLS, name)
 
 
 @pytest.fixture
