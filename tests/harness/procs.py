@@ -6,26 +6,15 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .waits import holds_for, wait_for  # noqa: F401 - the tests' long-standing import path
 
 
 STARTED: list["Proc"] = []
 """Every long-lived server the test session started: for teardown, the loopback check and the log
 tails attached to failed tests."""
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll `predicate` until it returns something truthy; fail saying `what` did not happen."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def free_port() -> int:
@@ -36,16 +25,21 @@ def free_port() -> int:
 
 
 def wait_port(port: int, timeout: float, proc: "Proc | None" = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+    """Until something accepts connections on 127.0.0.1:`port`; give up at once if `proc` exits."""
+    def accepts() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                return True
         except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s" + (f":\n{proc.tail()}" if proc else ""))
+            return False
+
+    def exited() -> str | None:
+        if proc is not None and proc.popen.poll() is not None:
+            return f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}"
+        return None
+
+    wait_for(accepts, timeout, f"a listener on 127.0.0.1:{port}" + (f" ({proc.name})" if proc else ""),
+             interval=0.1, abort=exited)
 
 
 @dataclass
