@@ -25,8 +25,10 @@ ARTIFACTS = Path(os.environ.get("MIKROM_TEST_ARTIFACTS", REPO / ".test-artifacts
 
 STARTED = procs.STARTED
 
-# The worker's fixtures (make_worker, fleet, netns, ...) for every tier that runs a real worker.
-pytest_plugins = ["harness.worker_proc"]
+# Fixtures of the tiers that run a real worker or boot VMs: the worker (make_worker, celery_client,
+# worker_kubeconfig), network namespaces (netns, make_netns), the guest image (guest_image_dir,
+# own_image_dir) and the e2e fleet (fleet, operator_env).
+pytest_plugins = ["harness.netns", "harness.guest_image", "harness.worker_proc", "harness.fleet"]
 
 
 def pytest_collection_modifyitems(config, items):

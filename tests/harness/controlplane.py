@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import base64
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from . import binaries, procs
+from .waits import wait_for
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -143,16 +143,17 @@ def _wants_etcd() -> bool:
 
 
 def _wait_ready(cp: ControlPlane, proc, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"kube-apiserver exited:\n{proc.tail()}")
+    last = [""]
+
+    def ready() -> bool:
         res = cp.kubectl("get", "--raw", "/readyz", check=False, timeout=30)
-        if res.returncode == 0 and res.stdout.strip() == "ok":
-            # the RBAC bootstrap roles must exist before tests bind to them
-            if cp.kubectl("get", "clusterrole", "view", check=False).returncode == 0:
-                return
-        last = res.stderr or res.stdout
-        time.sleep(0.5)
-    raise TimeoutError(f"kube-apiserver not ready in {timeout}s: {last}\n{proc.tail()}")
+        last[0] = res.stderr or res.stdout
+        # the RBAC bootstrap roles must exist before tests bind to them
+        return (res.returncode == 0 and res.stdout.strip() == "ok"
+                and cp.kubectl("get", "clusterrole", "view", check=False).returncode == 0)
+
+    try:
+        wait_for(ready, timeout, "kube-apiserver to be ready", interval=0.5,
+                 abort=lambda: None if proc.alive() else f"kube-apiserver exited:\n{proc.tail()}")
+    except TimeoutError as exc:
+        raise type(exc)(f"{exc}: {last[0]}\n{proc.tail()}") from None

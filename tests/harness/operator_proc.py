@@ -1,8 +1,8 @@
 """Run `mikrom operator` as a real subprocess for the tests.
 
-The operator authenticates as the ServiceAccount `mikrom-operator` (a token from `kubectl create
-token`) with exactly the RBAC of `deploy/rbac/operator.yaml`, so a missing permission fails the
-tests. Its settings come from MIKROM_* environment variables, its JSON log goes to a file, and it
+The operator authenticates as the ServiceAccount `mikrom-operator` (a token minted by
+harness.serviceaccounts) with exactly the RBAC of `deploy/rbac/operator.yaml`, so a missing
+permission fails the tests. Its settings come from MIKROM_* environment variables, its JSON log goes to a file, and it
 can be killed with SIGKILL like a crashing Pod.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,12 @@ from pathlib import Path
 import yaml
 
 from . import procs
+from .serviceaccounts import OPERATOR
+from .waits import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-SA_NAMESPACE = "mikrom-system"
-SA_NAME = "mikrom-operator"
+SA_NAMESPACE = OPERATOR.namespace
+SA_NAME = OPERATOR.name
 
 # The settings the tests run with: small, so the whole tier takes minutes, not hours.
 TEST_ENV = {
@@ -74,20 +75,7 @@ def install(cp) -> None:
 
 def service_account_kubeconfig(cp, path: Path) -> Path:
     """A kubeconfig that authenticates as system:serviceaccount:mikrom-system:mikrom-operator."""
-    token = cp.kubectl("create", "token", SA_NAME, "-n", SA_NAMESPACE, "--duration=4h").stdout.strip()
-    admin = yaml.safe_load(cp.kubeconfig.read_text())
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": admin["clusters"],
-        "users": [{"name": SA_NAME, "user": {"token": token}}],
-        "contexts": [{"name": SA_NAME, "context": {"cluster": admin["clusters"][0]["name"], "user": SA_NAME}}],
-        "current-context": SA_NAME,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg))
-    path.chmod(0o600)
-    return path
+    return OPERATOR.kubeconfig(cp, path)
 
 
 @dataclass
@@ -105,19 +93,17 @@ class Operator:
 
     def wait_live(self, timeout: float = 60) -> None:
         """Until kopf's liveness endpoint answers (handlers registered, startup done)."""
-        deadline = time.monotonic() + timeout
         url = f"http://127.0.0.1:{self.liveness_port}/healthz"
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited:\n{self.proc.tail(80)}")
+
+        def answers() -> bool:
             try:
                 with urllib.request.urlopen(url, timeout=2) as rsp:
-                    if rsp.status == 200:
-                        return
+                    return rsp.status == 200
             except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name} not live within {timeout}s:\n{self.proc.tail(80)}")
+                return False
+
+        wait_for(answers, timeout, f"{self.name} to be live",
+                 abort=lambda: None if self.alive() else f"{self.name} exited:\n{self.proc.tail(80)}")
 
     def lines(self) -> list[str]:
         try:

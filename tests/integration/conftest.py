@@ -11,15 +11,10 @@ import uuid
 import pytest
 import yaml
 from harness import fake_worker, operator_proc, procs, redis_server
-from harness.microvms import MicroVMClient
-from harness.procs import wait_for
-from kubernetes import client
-from kubernetes.client.rest import ApiException
+from harness.microvms import T, MicroVMClient
+from harness.waits import wait_for
 
 from mikrom import names
-
-G, V = names.GROUP, names.VERSION
-T = (5, 30)
 
 STARTED = procs.STARTED
 
@@ -69,21 +64,9 @@ def operators(mikrom_cluster, operator_kubeconfig, broker_url, namespace, worker
     for op in started:
         op.stop()
         STARTED.remove(op.proc)
-    _remove_vms(client.CustomObjectsApi(kube_api), namespace)
+    MicroVMs(mikrom_cluster, kube_api, namespace).remove_all()
     tracebacks = {op.name: [line[:400] for line in op.problems()[:3]] for op in started if op.problems()}
     assert not tracebacks, f"unhandled exceptions in the operator log: {tracebacks}"
-
-
-def _remove_vms(api: client.CustomObjectsApi, namespace: str) -> None:
-    for vm in api.list_namespaced_custom_object(G, V, namespace, names.MICROVMS, _request_timeout=T)["items"]:
-        name = vm["metadata"]["name"]
-        try:
-            api.patch_namespaced_custom_object(G, V, namespace, names.MICROVMS, name, {"metadata": {"finalizers": None}},
-                                               _request_timeout=T)
-            api.delete_namespaced_custom_object(G, V, namespace, names.MICROVMS, name, _request_timeout=T)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
 
 
 BASE_VM = {
@@ -111,10 +94,6 @@ class MicroVMs(MicroVMClient):
 
     def apply(self, body: dict, check: bool = True):
         return self.cp.kubectl("apply", "-n", self.ns, "-f", "-", input=yaml.safe_dump(body), check=check)
-
-    def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict:
-        return wait_for(lambda: self.status(name) if self.status(name).get("phase") == phase else None, timeout,
-                        f"{name} to be {phase}")
 
     def events(self, uid: str) -> list:
         evs = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.uid={uid}",
