@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from harness.guest_image import guest_image
+from harness.netns import ping
 from mikrom.worker import netdev
 from mikrom.worker.vmm import FirecrackerDriver, JailerConfig, VMSpec, kvm_status, running_pid
 
-REPO = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 60.0
 BRIDGE = "mkbr0"
 GATEWAY = "10.232.0.1"
@@ -42,26 +42,19 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(_missing() is not None, reason
 
 
 @pytest.fixture(scope="module")
-def guest_image() -> Path:
-    # Firecracker on x86_64 boots an uncompressed ELF kernel: --vmlinux extracts it.
-    res = subprocess.run([str(REPO / "hack" / "test-image.sh"), "--vmlinux"], capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, f"hack/test-image.sh failed:\n{res.stderr[-4000:]}"
-    return Path(res.stdout.strip().splitlines()[-1])
+def guest_vmlinux_dir() -> Path:
+    # Firecracker on x86_64 boots an uncompressed ELF kernel: the image directory with `vmlinux` added.
+    return guest_image(vmlinux=True)
 
 
 @pytest.fixture
-def network():
-    name = "mk-e2e-" + uuid.uuid4().hex[:8]
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
-    netdev.ensure_bridge(BRIDGE, f"{GATEWAY}/24", netns=name)
-    yield name
-    subprocess.run(["ip", "netns", "del", name], timeout=10)
+def network(netns):
+    netdev.ensure_bridge(BRIDGE, f"{GATEWAY}/24", netns=netns)
+    return netns
 
 
 @pytest.mark.parametrize("jailed", [False, True], ids=["plain", "jailed"])
-def test_firecracker_vm_boots_answers_ping_and_stops_on_ctrl_alt_del(guest_image, network, tmp_path,
+def test_firecracker_vm_boots_answers_ping_and_stops_on_ctrl_alt_del(guest_vmlinux_dir, network, tmp_path,
                                                                      record_property, jailed):
     jailer = None
     if jailed:
@@ -71,8 +64,8 @@ def test_firecracker_vm_boots_answers_ping_and_stops_on_ctrl_alt_del(guest_image
     uid = str(uuid.uuid4())
     tap = netdev.tap_name_for_uid(uid)
     netdev.ensure_tap(tap, BRIDGE, netns=network, user=JAIL_UID if jailed else None)
-    spec = VMSpec(uid=uid, name="fc-1", vcpus=1, memory_mib=128, kernel=str(guest_image / "vmlinux"),
-                  initrd=str(guest_image / "initrd.img"), kernel_args=netdev.kernel_ip_arg(GUEST, GATEWAY, 24),
+    spec = VMSpec(uid=uid, name="fc-1", vcpus=1, memory_mib=128, kernel=str(guest_vmlinux_dir / "vmlinux"),
+                  initrd=str(guest_vmlinux_dir / "initrd.img"), kernel_args=netdev.kernel_ip_arg(GUEST, GATEWAY, 24),
                   tap=tap, mac=netdev.mac_for_uid(uid), state_dir=tmp_path / "vm", netns=network)
     driver = FirecrackerDriver(jailer=jailer)
     try:
@@ -81,8 +74,7 @@ def test_firecracker_vm_boots_answers_ping_and_stops_on_ctrl_alt_del(guest_image
         record_property("boot_seconds", round(boot, 3))
         print(f"\nfirecracker boot to MIKROM-READY: {boot:.2f}s")
         assert running_pid(spec.state_dir) == pid
-        res = subprocess.run(["ip", "netns", "exec", network, "busybox", "ping", "-c", "2", "-W", "3", GUEST],
-                             capture_output=True, text=True, timeout=20)
+        res = ping(network, GUEST)
         assert res.returncode == 0, res.stdout + res.stderr
 
         t0 = time.monotonic()

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from harness.netns import ping
 from mikrom.worker import netdev
 from mikrom.worker.vmm import (
     BootTimeout,
@@ -41,24 +42,6 @@ GATEWAY = "10.231.0.1"
 PREFIX = 24
 
 
-@pytest.fixture(scope="session")
-def guest_image() -> Path:
-    res = subprocess.run([str(REPO / "hack" / "test-image.sh")], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"hack/test-image.sh failed:\n{res.stderr[-4000:]}"
-    path = Path(res.stdout.strip().splitlines()[-1])
-    assert (path / "vmlinuz").is_file() and (path / "initrd.img").is_file()
-    return path
-
-
-@pytest.fixture
-def netns():
-    name = "mk-e2e-" + uuid.uuid4().hex[:8]
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
-    yield name
-    subprocess.run(["ip", "netns", "del", name], timeout=10)
-
-
 @pytest.fixture
 def network(netns):
     netdev.ensure_bridge(BRIDGE, f"{GATEWAY}/{PREFIX}", netns=netns)
@@ -74,26 +57,20 @@ def stopper():
         QemuDriver().stop(state, timeout=0)
 
 
-def make_spec(guest_image: Path, state_dir: Path, netns: str, host: int = 2, uid: str | None = None,
+def make_spec(guest_image_dir: Path, state_dir: Path, netns: str, host: int = 2, uid: str | None = None,
               extra_args: str = "") -> VMSpec:
     uid = uid or str(uuid.uuid4())
     tap = netdev.tap_name_for_uid(uid)
     netdev.ensure_tap(tap, BRIDGE, netns=netns)
     ip = f"10.231.0.{host}"
-    return VMSpec(uid=uid, name=f"vm-{host}", vcpus=1, memory_mib=128, kernel=str(guest_image / "vmlinuz"),
-                  initrd=str(guest_image / "initrd.img"),
+    return VMSpec(uid=uid, name=f"vm-{host}", vcpus=1, memory_mib=128, kernel=str(guest_image_dir / "vmlinuz"),
+                  initrd=str(guest_image_dir / "initrd.img"),
                   kernel_args=f"{netdev.kernel_ip_arg(ip, GATEWAY, PREFIX)} {extra_args}".strip(),
                   tap=tap, mac=netdev.mac_for_uid(uid), state_dir=state_dir, netns=netns)
 
 
 def guest_ip(spec: VMSpec) -> str:
     return next(w for w in spec.kernel_args.split() if w.startswith("ip=")).split("=")[1].split(":")[0]
-
-
-def ping(netns: str, ip: str) -> subprocess.CompletedProcess:
-    # busybox-static is installed by hack/test-image.sh; the host may have no ping of its own.
-    return subprocess.run(["ip", "netns", "exec", netns, "busybox", "ping", "-c", "2", "-W", "3", ip],
-                          capture_output=True, text=True, timeout=20)
 
 
 def live_processes_mentioning(text: str) -> list[str]:
@@ -112,10 +89,10 @@ def live_processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_vm_boots_in_a_netns_answers_ping_and_powers_off_gracefully(guest_image, network, tmp_path, stopper,
+def test_vm_boots_in_a_netns_answers_ping_and_powers_off_gracefully(guest_image_dir, network, tmp_path, stopper,
                                                                      record_property):
     driver = QemuDriver()
-    spec = make_spec(guest_image, tmp_path / "vm", network)
+    spec = make_spec(guest_image_dir, tmp_path / "vm", network)
     stopper.append(spec.state_dir)
     pid = driver.start(spec)
     boot = driver.wait_ready(spec, timeout=BOOT_TIMEOUT)
@@ -156,9 +133,9 @@ time.sleep(600)
 """
 
 
-def test_vm_survives_the_death_of_its_starter_and_restarts_from_saved_config(guest_image, network, tmp_path,
+def test_vm_survives_the_death_of_its_starter_and_restarts_from_saved_config(guest_image_dir, network, tmp_path,
                                                                              stopper):
-    spec = make_spec(guest_image, tmp_path / "vm", network, host=3)
+    spec = make_spec(guest_image_dir, tmp_path / "vm", network, host=3)
     stopper.append(spec.state_dir)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     starter = subprocess.Popen([sys.executable, "-c", _STARTER, json.dumps(spec.to_dict())],
@@ -191,11 +168,11 @@ def test_vm_survives_the_death_of_its_starter_and_restarts_from_saved_config(gue
     assert live_processes_mentioning(str(spec.state_dir)) == []
 
 
-def test_a_guest_that_panics_is_reported_as_exited_with_its_console(guest_image, network, tmp_path, stopper):
+def test_a_guest_that_panics_is_reported_as_exited_with_its_console(guest_image_dir, network, tmp_path, stopper):
     driver = QemuDriver()
     # No init in the initramfs under this name: the kernel panics, panic=-1 reboots, and QEMU's
     # -no-reboot turns that into an exit.
-    spec = make_spec(guest_image, tmp_path / "vm", network, host=4, extra_args="rdinit=/no-such-init")
+    spec = make_spec(guest_image_dir, tmp_path / "vm", network, host=4, extra_args="rdinit=/no-such-init")
     stopper.append(spec.state_dir)
     driver.start(spec)
     with pytest.raises(VMMExited, match="Kernel panic") as err:
@@ -204,9 +181,9 @@ def test_a_guest_that_panics_is_reported_as_exited_with_its_console(guest_image,
     assert running_pid(spec.state_dir) is None
 
 
-def test_a_boot_timeout_leaves_the_vm_running_until_it_is_killed(guest_image, network, tmp_path, stopper):
+def test_a_boot_timeout_leaves_the_vm_running_until_it_is_killed(guest_image_dir, network, tmp_path, stopper):
     driver = QemuDriver()
-    spec = make_spec(guest_image, tmp_path / "vm", network, host=5)
+    spec = make_spec(guest_image_dir, tmp_path / "vm", network, host=5)
     stopper.append(spec.state_dir)
     pid = driver.start(spec)
     with pytest.raises(BootTimeout):
@@ -273,12 +250,7 @@ def test_nat_lets_the_block_reach_beyond_the_node(netns, backend_ns):
 
 
 @pytest.fixture(params=["iptables", "nft"])
-def backend_ns(request):
+def backend_ns(request, make_netns):
     if not shutil.which(request.param):
         pytest.skip(f"{request.param} is not installed")
-    names = ["mk-e2e-" + uuid.uuid4().hex[:8] for _ in range(2)]
-    for name in names:
-        subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    yield (request.param, *names)
-    for name in names:
-        subprocess.run(["ip", "netns", "del", name], timeout=10)
+    return request.param, make_netns(), make_netns()

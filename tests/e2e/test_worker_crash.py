@@ -9,7 +9,8 @@ import threading
 import time
 
 import pytest
-from harness.worker_proc import e2e_skip_reason, ping, vmm_pids
+from harness.netns import link_exists, ping
+from harness.vms import e2e_skip_reason, vmm_pids
 
 from mikrom import names
 
@@ -152,8 +153,6 @@ def test_inspect_ping_answers_within_a_second_while_four_vms_boot_and_a_hundred_
 
 def test_a_vm_deleted_while_its_worker_was_down_is_swept_as_an_orphan_when_the_worker_returns(
         fleet, make_worker, netns, guest_image_dir, celery_client):
-    from harness.worker_proc import link_exists
-
     from mikrom.worker import netdev
 
     worker = make_worker(netns=netns, image_dir=guest_image_dir)

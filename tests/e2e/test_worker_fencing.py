@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 from harness.procs import wait_for
-from harness.worker_proc import e2e_skip_reason, ping, vmm_pids
+from harness.netns import ping
+from harness.vms import e2e_skip_reason, vmm_pids
 from kubernetes import client
 
 pytestmark = pytest.mark.skipif(e2e_skip_reason() is not None, reason=e2e_skip_reason() or "")

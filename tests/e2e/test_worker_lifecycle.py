@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from harness.http_files import FileServer
-from harness.worker_proc import e2e_skip_reason, link_exists, ping, vmm_pids
+from harness.netns import link_exists, ping
+from harness.vms import e2e_skip_reason, vmm_pids
 
 from mikrom.worker import netdev
 
@@ -221,19 +222,6 @@ def test_an_ext4_rootfs_is_the_vms_own_copy_and_keeps_its_writes_across_a_restar
     fleet.delete("disk")
     fleet.wait_gone("disk", timeout=60)
     assert not vm_dir.exists()
-
-
-@pytest.fixture
-def own_image_dir(guest_image_dir, tmp_path) -> Path:
-    """An image directory of the test's own holding the guest's kernel and initrd, to add files to."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for name in ("vmlinuz", "initrd.img"):
-        if os.stat(guest_image_dir).st_dev == os.stat(images).st_dev:
-            os.link(guest_image_dir / name, images / name)
-        else:
-            (images / name).write_bytes((guest_image_dir / name).read_bytes())
-    return images
 
 
 def test_a_vm_whose_vmm_dies_is_restarted_under_always_and_one_that_powers_off_under_once_succeeds(
