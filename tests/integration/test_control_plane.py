@@ -8,6 +8,7 @@ import uuid
 import pytest
 import yaml
 from harness import binaries
+from harness.serviceaccounts import ServiceAccount
 
 
 def _crd(group: str) -> dict:
@@ -79,25 +80,19 @@ def test_valid_object_reads_back_with_printer_columns(control_plane, namespace, 
 
 def test_rbac_denies_unbound_service_account_until_a_role_binds_it(control_plane, namespace):
     cp = control_plane
-    cp.kubectl("create", "serviceaccount", "reader", "-n", namespace)
-    sa = f"system:serviceaccount:{namespace}:reader"
+    reader = ServiceAccount(namespace, "reader").create(cp)
 
-    def can_i() -> str:
-        res = cp.kubectl("auth", "can-i", "list", "configmaps", "-n", namespace, f"--as={sa}", check=False)
-        return res.stdout.strip()
-
-    assert can_i() == "no"
-    denied = cp.kubectl("get", "configmaps", "-n", namespace, as_user=sa, check=False)
+    assert not reader.can(cp, "list", "configmaps", "-n", namespace)
+    denied = cp.kubectl("get", "configmaps", "-n", namespace, as_user=reader.user, check=False)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
 
     cp.kubectl("create", "role", "cm-reader", "--verb=get,list", "--resource=configmaps", "-n", namespace)
     cp.kubectl("create", "rolebinding", "cm-reader", "--role=cm-reader", f"--serviceaccount={namespace}:reader",
                "-n", namespace)
-    assert can_i() == "yes"
-    assert cp.kubectl("get", "configmaps", "-n", namespace, as_user=sa, check=False).returncode == 0
+    assert reader.can(cp, "list", "configmaps", "-n", namespace)
+    assert cp.kubectl("get", "configmaps", "-n", namespace, as_user=reader.user, check=False).returncode == 0
     # still nothing beyond what the role grants
-    assert cp.kubectl("auth", "can-i", "delete", "configmaps", "-n", namespace, f"--as={sa}",
-                      check=False).stdout.strip() == "no"
+    assert not reader.can(cp, "delete", "configmaps", "-n", namespace)
 
 
 def test_api_server_reports_its_real_version(control_plane):
@@ -107,14 +102,20 @@ def test_api_server_reports_its_real_version(control_plane):
     assert version["clientVersion"]["gitVersion"].startswith("v1.34.")
 
 
-def test_service_account_tokens_are_signed_and_accepted(control_plane, namespace):
+def test_service_account_tokens_are_signed_and_accepted(control_plane, namespace, tmp_path):
     cp = control_plane
-    cp.kubectl("create", "serviceaccount", "bot", "-n", namespace)
-    token = cp.kubectl("create", "token", "bot", "-n", namespace, "--duration=10m").stdout.strip()
+    bot = ServiceAccount(namespace, "bot").create(cp)
+    token = bot.token(cp, duration="10m")
     assert token.count(".") == 2
-    # the kubeconfig carries a client certificate, which would win over the token: ask without it
+    # the admin kubeconfig carries a client certificate, which would win over the token: ask without it
     res = subprocess.run([str(binaries.require("kubectl")), "--server", cp.server, "--insecure-skip-tls-verify",
                           f"--token={token}", "auth", "whoami", "-o", "json"], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:bot"
+    assert json.loads(res.stdout)["status"]["userInfo"]["username"] == bot.user
+    # and the minted kubeconfig authenticates as the account alone
+    kubeconfig = bot.kubeconfig(cp, tmp_path / "bot.kubeconfig", duration="10m")
+    assert kubeconfig.stat().st_mode & 0o777 == 0o600
+    res = subprocess.run([str(binaries.require("kubectl")), "--kubeconfig", str(kubeconfig), "auth", "whoami", "-o",
+                          "jsonpath={.status.userInfo.username}"], capture_output=True, text=True, timeout=60)
+    assert res.stdout == bot.user, res.stderr

@@ -15,6 +15,7 @@ from harness.fake_worker import message_has_no_spec
 from harness.procs import wait_for
 from harness.scrape import scrape
 from harness import binaries
+from harness.serviceaccounts import OPERATOR
 
 from mikrom import names
 
@@ -115,19 +116,14 @@ def test_operator_runs_as_its_service_account_with_only_the_rights_it_needs(mikr
     who = subprocess.run([str(binaries.require("kubectl")), "--kubeconfig", str(operator_kubeconfig), "auth",
                           "whoami", "-o", "jsonpath={.status.userInfo.username}"], capture_output=True, text=True,
                          timeout=60)
-    assert who.stdout == "system:serviceaccount:mikrom-system:mikrom-operator", who.stderr
-    sa = "system:serviceaccount:mikrom-system:mikrom-operator"
-
-    def can(*args: str) -> bool:
-        res = mikrom_cluster.kubectl("auth", "can-i", *args, f"--as={sa}", check=False)
-        return res.stdout.strip() == "yes"
+    assert who.stdout == OPERATOR.user == "system:serviceaccount:mikrom-system:mikrom-operator", who.stderr
 
     for allowed in (("watch", "microvms.mikrom.io", "-A"), ("patch", "microvms.mikrom.io/status", "-n", "x"),
                     ("patch", "microvmnodes.mikrom.io"), ("patch", "ippools.mikrom.io/status"),
                     ("create", "events", "-n", "x"), ("create", "clusterkopfpeerings.kopf.dev")):
-        assert can(*allowed), allowed
+        assert OPERATOR.can(mikrom_cluster, *allowed), allowed
     for denied in (("get", "secrets", "-n", "x"), ("list", "pods", "-A"), ("create", "microvms.mikrom.io", "-n", "x"),
                    ("delete", "microvms.mikrom.io", "-n", "x"), ("delete", "microvmnodes.mikrom.io"),
                    ("create", "ippools.mikrom.io"), ("update", "customresourcedefinitions"),
                    ("create", "serviceaccounts/token", "-n", "mikrom-system")):
-        assert not can(*denied), denied
+        assert not OPERATOR.can(mikrom_cluster, *denied), denied
