@@ -5,19 +5,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test deps venv testbin image unit integration e2e crds demo bench clean
+.PHONY: test deps venv testbin image images lock unit integration e2e crds demo bench clean
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 deps: venv testbin image
 
+# The virtualenv installs exactly the hash-locked versions (requirements-test.lock, made by
+# `make lock`), pip and setuptools included, then the project itself without resolving anything;
+# `pip check` fails if pyproject.toml asks for a package the lock lacks (run `make lock`).
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml hack/system-deps.sh
+$(VENV)/.installed: pyproject.toml requirements-test.lock hack/system-deps.sh
 	bash hack/system-deps.sh
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q --require-hashes -r requirements-test.lock
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	$(VENV)/bin/pip check
 	touch $@
 
 testbin:
@@ -25,6 +29,15 @@ testbin:
 
 image:
 	bash hack/test-image.sh >/dev/null
+
+# Container images (operator, worker, pod sandbox) built with buildah from a debootstrap base, no
+# registry needed; OCI archives and images.json in ~/.cache/mikrom/oci (hack/images.sh).
+images:
+	bash hack/images.sh
+
+# Regenerates requirements.lock and requirements-test.lock from pyproject.toml (hack/lock.sh).
+lock:
+	bash hack/lock.sh
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
