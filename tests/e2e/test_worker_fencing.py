@@ -18,7 +18,8 @@ import yaml
 from harness.procs import wait_for
 from harness.netns import ping
 from harness.vms import e2e_skip_reason, vmm_pids
-from kubernetes import client
+
+from mikrom import names
 
 pytestmark = pytest.mark.skipif(e2e_skip_reason() is not None, reason=e2e_skip_reason() or "")
 
@@ -150,26 +151,21 @@ def test_a_worker_cut_off_from_the_api_server_fences_its_vms_and_restores_them_w
     assert ping(netns, ip).returncode == 0
 
 
-def _label(kube_api, node: str, labels: dict) -> None:
-    client.CustomObjectsApi(kube_api).patch_cluster_custom_object(
-        "mikrom.io", "v1alpha1", "microvmnodes", node, {"metadata": {"labels": labels}}, _request_timeout=(5, 30))
-
-
 def test_a_vm_of_a_node_lost_past_its_fence_time_moves_to_another_node_and_the_old_node_lets_go(
-        proxied_kubeconfig, fleet, make_worker, netns, guest_image_dir, kube_api):
+        proxied_kubeconfig, fleet, make_worker, netns, guest_image_dir):
     kubeconfig, proxy = proxied_kubeconfig
     sel = {"e2e-move": uuid.uuid4().hex[:10]}
     lost = make_worker(netns=netns, image_dir=guest_image_dir, start=False, heartbeat_seconds=1,
                        self_fence_after_seconds=FENCE_AFTER, sync_interval_seconds=3)
     lost.env["KUBECONFIG"] = str(kubeconfig)
     lost.start()
-    _label(kube_api, lost.node, sel)
+    fleet.patch_cluster_object(names.MICROVMNODES, lost.node, {"metadata": {"labels": sel}})
     fleet.create("nomad", network=False, nodeSelector=sel)  # not pinned: it may move
     st = fleet.wait_phase("nomad", "Running", timeout=90, avoid=("Failed",))
     uid = fleet.get("nomad")["metadata"]["uid"]
     assert st["node"] == lost.node
     spare = make_worker(netns=netns, image_dir=guest_image_dir, sync_interval_seconds=3)
-    _label(kube_api, spare.node, sel)
+    fleet.patch_cluster_object(names.MICROVMNODES, spare.node, {"metadata": {"labels": sel}})
 
     proxy.cut()
     t0 = time.monotonic()

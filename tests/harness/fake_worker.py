@@ -1,5 +1,5 @@
-"""Plays the worker's part in the operator's integration tests (issue 3 allows it until the real
-worker proves the same flows).
+"""Plays the worker's part in the operator's integration tests, which need nodes that answer but no
+VM boots (the e2e tests run the real worker through the same flows).
 
 It does what docs/protocol.md says a worker does, against the real API server and the real Redis:
 registers MicroVMNodes and renews their heartbeats; consumes its nodes' queues with kombu, so it
@@ -26,6 +26,8 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from mikrom import conditions, names
+
+from .microvms import MicroVMClient
 
 log = logging.getLogger(__name__)
 T = (5, 30)  # connect, read timeout of every API call
@@ -68,6 +70,8 @@ class FakeWorker:
         cfg.connection_pool_maxsize = 16
         self._api = client.ApiClient(cfg)
         self.custom = client.CustomObjectsApi(self._api)
+        self.cluster = MicroVMClient(self._api, "")
+        """Reads and removes the MicroVMNodes (cluster-scoped: no namespace)."""
         self.redis_url = redis_url
         self.heartbeat_seconds = heartbeat_seconds
         self.nodes: dict[str, FakeNode] = {}
@@ -171,12 +175,7 @@ class FakeWorker:
     # ------------------------------------------------------------------ acting like the worker
 
     def _get(self, ns: str, name: str) -> dict | None:
-        try:
-            return self.custom.get_namespaced_custom_object(G, V, ns, names.MICROVMS, name, _request_timeout=T)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return MicroVMClient(self._api, ns).get(name)
 
     def _patch(self, ns: str, name: str, uid: str, compute) -> dict | None:
         """Merge-patch status with the uid and resourceVersion the patch was computed from."""
@@ -212,7 +211,7 @@ class FakeWorker:
             return
         if vm["metadata"].get("deletionTimestamp"):
             if node.delete_delay:
-                time.sleep(node.delete_delay)
+                self._stop.wait(node.delete_delay)  # a slow node: confirms a while after taking the task
             node.running.pop(uid, None)
             node.addresses.pop(uid, None)
             self._patch(ns, name, uid, lambda cur: {"cleanedUpAt": conditions.now(), "pid": None})
@@ -253,7 +252,7 @@ class FakeWorker:
             return None
         if uid in node.addresses:
             return node.addresses[uid]
-        obj = self.custom.get_cluster_custom_object(G, V, names.MICROVMNODES, node.name, _request_timeout=T)
+        obj = self.cluster.cluster_object(names.MICROVMNODES, node.name)
         block = ipaddress.IPv4Network(obj["spec"]["cidr"])
         used = set(node.addresses.values())
         hosts = list(block.hosts())[1:]  # the first host is the bridge's gateway
@@ -276,12 +275,11 @@ class FakeWorker:
         self._pool.shutdown(wait=True, cancel_futures=True)
         for name in self.nodes:
             try:
-                self.custom.patch_cluster_custom_object(G, V, names.MICROVMNODES, name,
-                                                        {"metadata": {"finalizers": None}}, _request_timeout=T)
-                self.custom.delete_cluster_custom_object(G, V, names.MICROVMNODES, name, _request_timeout=T)
+                self.cluster.patch_cluster_object(names.MICROVMNODES, name, {"metadata": {"finalizers": None}})
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+            self.cluster.delete_cluster_object(names.MICROVMNODES, name)
         self._api.close()
 
 

@@ -86,8 +86,7 @@ def test_least_allocated_node_is_chosen_and_cordoned_or_lost_nodes_are_not(opera
     busy, idle, cordoned = (f"{p}-{mvms.label}" for p in ("busy", "idle", "cordoned"))
     for n in (busy, idle, cordoned):
         worker.add_node(n, vcpus=8, memory_mib=8192, labels=sel)
-    mvms.api.patch_cluster_custom_object(names.GROUP, names.VERSION, names.MICROVMNODES, cordoned,
-                                         {"spec": {"schedulable": False}})
+    mvms.patch_cluster_object(names.MICROVMNODES, cordoned, {"spec": {"schedulable": False}})
     operators()
     mvms.create("first", vcpus=4, memoryMiB=512, nodeSelector=sel, nodeName=busy)
     mvms.wait_phase("first", "Running")

@@ -13,15 +13,13 @@ import time
 import uuid
 
 import pytest
+from harness.microvms import T, MicroVMClient
 from harness.procs import wait_for
 from harness.scrape import scrape
 from harness.serviceaccounts import WORKER
-from kubernetes import client
 
 from mikrom import broker, names
 from mikrom.worker.locks import NodeLocks
-
-GROUP, VERSION = names.GROUP, names.VERSION
 
 
 @pytest.fixture
@@ -29,34 +27,34 @@ def worker(make_worker, netns):
     return make_worker(netns=netns, sync_interval_seconds=300)
 
 
+class TaskVMs(MicroVMClient):
+    """The test's MicroVMs as the worker's tasks find them: Halted unless told, placed by the test."""
+
+    def manifest(self, name: str, strategy: str = "Halted", **spec) -> dict:
+        return {"apiVersion": names.API_VERSION, "kind": "MicroVM", "metadata": {"name": name, "namespace": self.ns},
+                "spec": {"vcpus": 1, "memoryMiB": 128, "runStrategy": strategy,
+                         "image": {"kernel": {"path": "vmlinuz"}, "initrd": {"path": "initrd.img"}}, **spec}}
+
+    def make(self, name: str, node: str | None, strategy: str = "Halted", **spec) -> dict:
+        """Create the MicroVM and, with `node`, place it there as the operator would."""
+        vm = self.create(name, strategy=strategy, **spec)
+        if node:
+            vm = self.patch_status(name, {"node": node, "phase": "Scheduled"})
+        return vm
+
+    def events(self, name: str, reason: str | None = None) -> list:
+        items = self.core.list_namespaced_event(self.ns, _request_timeout=T).items
+        return [e for e in items if e.involved_object.name == name and (reason is None or e.reason == reason)]
+
+
 @pytest.fixture
-def custom(kube_api):
-    return client.CustomObjectsApi(kube_api)
-
-
-def make_vm(custom, namespace: str, name: str, node: str | None, strategy: str = "Halted", **spec) -> dict:
-    body = {"apiVersion": names.API_VERSION, "kind": "MicroVM", "metadata": {"name": name, "namespace": namespace},
-            "spec": {"vcpus": 1, "memoryMiB": 128, "runStrategy": strategy,
-                     "image": {"kernel": {"path": "vmlinuz"}, "initrd": {"path": "initrd.img"}}, **spec}}
-    vm = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, body)
-    if node:
-        vm = custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, names.MICROVMS, name,
-                                                          {"status": {"node": node, "phase": "Scheduled"}})
-    return vm
-
-
-def get_vm(custom, namespace, name):
-    return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, name)
+def vms(kube_api, namespace) -> TaskVMs:
+    return TaskVMs(kube_api, namespace)
 
 
 def ref(vm: dict, intent: str = "create") -> dict:
     m = vm["metadata"]
     return {"namespace": m["namespace"], "name": m["name"], "uid": m["uid"], "intent": intent}
-
-
-def events_for(kube_api, namespace: str, name: str, reason: str | None = None) -> list:
-    items = client.CoreV1Api(kube_api).list_namespaced_event(namespace).items
-    return [e for e in items if e.involved_object.name == name and (reason is None or e.reason == reason)]
 
 
 def test_inspect_registered_lists_the_guides_five_task_names(worker):
@@ -67,18 +65,14 @@ def test_inspect_registered_lists_the_guides_five_task_names(worker):
     assert "* mikrom.worker.tasks.sync_vm_status" in res.stdout
 
 
-def test_the_worker_registers_its_node_and_keeps_it_heartbeating(worker, custom):
+def test_the_worker_registers_its_node_and_keeps_it_heartbeating(worker, vms):
     def heartbeat() -> str | None:
-        try:  # registration runs in the background, just after the worker reports ready
-            node = custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return (node.get("status") or {}).get("lastHeartbeatTime")
+        # registration runs in the background, just after the worker reports ready
+        return ((vms.cluster_object(names.MICROVMNODES, worker.node) or {}).get("status") or {}).get(
+            "lastHeartbeatTime")
 
     first = wait_for(heartbeat, 20, "a heartbeat")
-    node = custom.get_cluster_custom_object(GROUP, VERSION, names.MICROVMNODES, worker.node)
+    node = vms.cluster_object(names.MICROVMNODES, worker.node)
     status = node["status"]
     assert status["capacity"]["vcpus"] >= 1 and status["capacity"]["memoryMiB"] > 0
     assert "qemu" in status["vmms"] and status["defaultVmm"] in status["vmms"]
@@ -87,33 +81,31 @@ def test_the_worker_registers_its_node_and_keeps_it_heartbeating(worker, custom)
     wait_for(lambda: heartbeat() != first, 10, "the next heartbeat")
 
 
-def test_a_halted_vm_is_reported_stopped_with_ready_false_and_an_event(worker, custom, kube_api, namespace,
-                                                                       celery_client):
-    vm = make_vm(custom, namespace, "quiet", worker.node)
+def test_a_halted_vm_is_reported_stopped_with_ready_false_and_an_event(worker, vms, celery_client):
+    vm = vms.make("quiet", worker.node)
     result = celery_client.send_task(names.CREATE_VM, kwargs=ref(vm), queue=names.node_queue(worker.node))
     assert result.get(timeout=30)["outcome"] == "stopped"
-    status = get_vm(custom, namespace, "quiet")["status"]
+    status = vms.get("quiet")["status"]
     assert status["phase"] == "Stopped" and status["observedGeneration"] == 1
     ready = [c for c in status["conditions"] if c["type"] == "Ready"][0]
     assert ready["status"] == "False" and ready["reason"] == "Stopped"
     assert status["node"] == worker.node  # the operator's field is untouched
-    assert len(events_for(kube_api, namespace, "quiet", "Stopped")) == 1
+    assert len(vms.events("quiet", "Stopped")) == 1
 
 
-def test_twenty_duplicate_messages_have_the_effect_of_one(worker, custom, kube_api, namespace, celery_client):
-    vm = make_vm(custom, namespace, "dup", worker.node)
+def test_twenty_duplicate_messages_have_the_effect_of_one(worker, vms, celery_client):
+    vm = vms.make("dup", worker.node)
     results = [celery_client.send_task(names.CREATE_VM, kwargs=ref(vm), queue=names.node_queue(worker.node))
                for _ in range(20)]
     outcomes = [r.get(timeout=60)["outcome"] for r in results]
     assert outcomes == ["stopped"] * 20
-    assert len(events_for(kube_api, namespace, "dup", "Stopped")) == 1
-    assert len(events_for(kube_api, namespace, "dup")) == 1
+    assert len(vms.events("dup", "Stopped")) == 1
+    assert len(vms.events("dup")) == 1
 
 
-def test_a_message_on_the_default_queue_is_forwarded_to_the_vms_node(worker, custom, namespace, celery_client,
-                                                                    redis):
+def test_a_message_on_the_default_queue_is_forwarded_to_the_vms_node(worker, vms, celery_client, redis):
     other = "elsewhere-" + uuid.uuid4().hex[:6]
-    vm = make_vm(custom, namespace, "far", other)
+    vm = vms.make("far", other)
     result = celery_client.send_task(names.START_VM, kwargs=ref(vm, "start"), queue=names.DEFAULT_QUEUE)
     assert result.get(timeout=30)["outcome"] == f"forwarded to {other}"
     r = broker.client(redis.url(db=6))
@@ -124,17 +116,16 @@ def test_a_message_on_the_default_queue_is_forwarded_to_the_vms_node(worker, cus
     args, kwargs, _ = json.loads(__import__("base64").b64decode(message["body"]))
     # the forwarded body is still a reference only, never a spec
     assert args == [] and kwargs == ref(vm, "start")
-    assert "status" not in get_vm(custom, namespace, "far") or get_vm(custom, namespace, "far")["status"].get(
-        "phase") == "Scheduled"
+    assert vms.status("far")["phase"] == "Scheduled"  # untouched here
 
 
-def test_the_task_api_of_the_guide_forwards_from_the_default_queue(worker, custom, namespace, redis):
+def test_the_task_api_of_the_guide_forwards_from_the_default_queue(worker, vms, redis):
     # `from mikrom.worker.tasks import create_vm_task; create_vm_task.delay(...)` as in the guide
     import subprocess
     import sys
 
     other = "elsewhere-" + uuid.uuid4().hex[:6]
-    vm = make_vm(custom, namespace, "typed", other)
+    vm = vms.make("typed", other)
     code = ("from mikrom.worker.tasks import create_vm_task; import sys; "
             f"r = create_vm_task.delay(**{ref(vm)!r}); print(r.get(timeout=30)['outcome'])")
     res = subprocess.run([sys.executable, "-c", code], env=worker.env, capture_output=True, text=True, timeout=60)
@@ -143,29 +134,28 @@ def test_the_task_api_of_the_guide_forwards_from_the_default_queue(worker, custo
     assert broker.client(redis.url(db=6)).llen(names.node_queue(other)) == 1
 
 
-def test_a_message_for_an_unplaced_vm_is_dropped(worker, custom, namespace, celery_client):
-    vm = make_vm(custom, namespace, "pending", None)
+def test_a_message_for_an_unplaced_vm_is_dropped(worker, vms, celery_client):
+    vm = vms.make("pending", None)
     result = celery_client.send_task(names.CREATE_VM, kwargs=ref(vm), queue=names.DEFAULT_QUEUE)
     assert result.get(timeout=30)["outcome"].startswith("dropped")
-    assert not get_vm(custom, namespace, "pending").get("status")
+    assert not vms.status("pending")
 
 
-def test_a_stale_message_for_a_recreated_namesake_does_nothing(worker, custom, namespace, celery_client):
-    old = make_vm(custom, namespace, "again", worker.node)
-    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, "again")
-    new = make_vm(custom, namespace, "again", worker.node, strategy="Always")
+def test_a_stale_message_for_a_recreated_namesake_does_nothing(worker, vms, celery_client):
+    old = vms.make("again", worker.node)
+    vms.delete("again")
+    new = vms.make("again", worker.node, strategy="Always")
     result = celery_client.send_task(names.CREATE_VM, kwargs=ref(old), queue=names.node_queue(worker.node))
     assert result.get(timeout=30)["outcome"] == "gone"
-    status = get_vm(custom, namespace, "again")["status"]
-    assert status["phase"] == "Scheduled" and get_vm(custom, namespace, "again")["metadata"]["uid"] == \
-        new["metadata"]["uid"]
+    again = vms.get("again")
+    assert again["status"]["phase"] == "Scheduled" and again["metadata"]["uid"] == new["metadata"]["uid"]
 
 
-def test_a_vm_assigned_to_another_node_is_not_touched_by_this_one(worker, custom, namespace, celery_client):
-    vm = make_vm(custom, namespace, "notmine", "other-" + uuid.uuid4().hex[:6])
+def test_a_vm_assigned_to_another_node_is_not_touched_by_this_one(worker, vms, celery_client):
+    vm = vms.make("notmine", "other-" + uuid.uuid4().hex[:6])
     result = celery_client.send_task(names.STOP_VM, kwargs=ref(vm, "stop"), queue=names.node_queue(worker.node))
     assert "nothing to do" in result.get(timeout=30)["outcome"]
-    assert get_vm(custom, namespace, "notmine")["status"]["phase"] == "Scheduled"
+    assert vms.get("notmine")["status"]["phase"] == "Scheduled"
 
 
 def test_malformed_and_positional_messages_are_rejected_without_retries(worker, celery_client):
@@ -177,36 +167,33 @@ def test_malformed_and_positional_messages_are_rejected_without_retries(worker, 
     assert forged.get(timeout=30)["outcome"] == "rejected"
 
 
-def test_a_task_waits_for_the_vm_lock_held_by_another_process(worker, custom, namespace, celery_client):
-    vm = make_vm(custom, namespace, "locked", worker.node)
+def test_a_task_waits_for_the_vm_lock_held_by_another_process(worker, vms, celery_client):
+    vm = vms.make("locked", worker.node)
     uid = vm["metadata"]["uid"]
     with NodeLocks(worker.state_dir / "locks").hold(uid, timeout=5):
         result = celery_client.send_task(names.STOP_VM, kwargs=ref(vm, "stop"), queue=names.node_queue(worker.node))
         time.sleep(3)
         assert not result.ready()
-        assert "phase" not in get_vm(custom, namespace, "locked")["status"] or \
-            get_vm(custom, namespace, "locked")["status"]["phase"] == "Scheduled"
+        assert "phase" not in vms.get("locked")["status"] or \
+            vms.get("locked")["status"]["phase"] == "Scheduled"
     assert result.get(timeout=30)["outcome"] == "stopped"
 
 
-def test_delete_confirms_with_cleaned_up_at(worker, custom, kube_api, namespace, celery_client):
-    vm = make_vm(custom, namespace, "bye", worker.node)
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, "bye",
-                                          {"metadata": {"finalizers": [names.FINALIZER]}})
-    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, "bye")
+def test_delete_confirms_with_cleaned_up_at(worker, vms, celery_client):
+    vm = vms.make("bye", worker.node)
+    vms.patch("bye", {"metadata": {"finalizers": [names.FINALIZER]}})
+    vms.delete("bye")
     result = celery_client.send_task(names.DELETE_VM, kwargs=ref(vm, "delete"), queue=names.node_queue(worker.node))
     assert result.get(timeout=30)["outcome"] == "deleted"
-    status = get_vm(custom, namespace, "bye")["status"]
-    assert status["cleanedUpAt"]
-    assert len(events_for(kube_api, namespace, "bye", "CleanedUp")) == 1
-    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, names.MICROVMS, "bye",
-                                          {"metadata": {"finalizers": []}})
+    assert vms.status("bye")["cleanedUpAt"]
+    assert len(vms.events("bye", "CleanedUp")) == 1
+    vms.patch("bye", {"metadata": {"finalizers": []}})
 
 
-def test_the_broadcast_sync_reports_vms_without_any_vm_task(worker, custom, namespace, celery_client):
-    make_vm(custom, namespace, "synced", worker.node)
+def test_the_broadcast_sync_reports_vms_without_any_vm_task(worker, vms, celery_client):
+    vms.make("synced", worker.node)
     broadcast_until(celery_client, names.SYNC_VM_STATUS, {},
-                    lambda: (get_vm(custom, namespace, "synced").get("status") or {}).get("phase") == "Stopped",
+                    lambda: (vms.get("synced").get("status") or {}).get("phase") == "Stopped",
                     30, "the broadcast sync to report the VM Stopped")
     # the worker's own periodic sync is 300 s away: the broadcast task did it
     assert f"Task {names.SYNC_VM_STATUS}[" in worker.log_text()
@@ -226,35 +213,24 @@ def broadcast_until(app, task: str, kwargs: dict, check, timeout: float, what: s
                 raise
 
 
-def test_cleanup_deletes_finished_vms_past_their_ttl_and_removes_orphan_directories(worker, custom, namespace,
-                                                                                    celery_client):
-    vm = make_vm(custom, namespace, "done", worker.node, strategy="Once", ttlSecondsAfterFinished=0)
-    custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, names.MICROVMS, "done", {"status": {
-        "phase": "Succeeded", "finishedAt": "2024-01-01T00:00:00Z"}})
+def test_cleanup_deletes_finished_vms_past_their_ttl_and_removes_orphan_directories(worker, vms, celery_client):
+    vm = vms.make("done", worker.node, strategy="Once", ttlSecondsAfterFinished=0)
+    vms.patch_status("done", {"phase": "Succeeded", "finishedAt": "2024-01-01T00:00:00Z"})
     orphan = worker.vms_dir / str(uuid.uuid4())
     orphan.mkdir(parents=True)
     (orphan / "console.log").write_text("left behind\n")
     # broadcast: the sender has no single result to wait on, so watch the effects
     broadcast_until(celery_client, names.CLEANUP_OLD_VMS, {"orphan_min_age_seconds": 0},
-                    lambda: not orphan.exists() and _gone(custom, namespace, "done"), 30,
+                    lambda: not orphan.exists() and vms.get("done") is None, 30,
                     "the orphan directory and the expired MicroVM to go")
     assert vm["metadata"]["uid"]
 
 
-def _gone(custom, namespace, name) -> bool:
-    try:
-        get_vm(custom, namespace, name)
-    except client.ApiException as exc:
-        return exc.status == 404
-    return False
-
-
-def test_generate_report_writes_the_fleet_configmap_under_the_workers_rbac(worker, custom, namespace, kube_api,
-                                                                         celery_client):
-    make_vm(custom, namespace, "counted", worker.node)
+def test_generate_report_writes_the_fleet_configmap_under_the_workers_rbac(worker, vms, celery_client):
+    vms.make("counted", worker.node)
     out = celery_client.send_task(names.GENERATE_REPORT).get(timeout=30)
     assert out["configMap"] == "mikrom-fleet-report" and out["namespace"] == "mikrom"
-    cm = client.CoreV1Api(kube_api).read_namespaced_config_map("mikrom-fleet-report", "mikrom")
+    cm = vms.core.read_namespaced_config_map("mikrom-fleet-report", "mikrom", _request_timeout=T)
     report = json.loads(cm.data["report.json"])
     assert report["vmCount"] >= 1 and "summary.txt" in cm.data
 
@@ -277,9 +253,8 @@ def test_the_workers_service_account_cannot_change_specs_or_touch_secrets(contro
     assert not can("patch", "ippools.mikrom.io")
 
 
-def test_the_worker_serves_prometheus_metrics_of_its_tasks_heartbeat_and_fleet(worker, custom, namespace,
-                                                                              celery_client):
-    make_vm(custom, namespace, "measured", worker.node)
+def test_the_worker_serves_prometheus_metrics_of_its_tasks_heartbeat_and_fleet(worker, vms, celery_client):
+    vms.make("measured", worker.node)
     celery_client.send_task(names.HEALTH_CHECK, queue=names.node_queue(worker.node)).get(timeout=30)
     celery_client.send_task(names.GENERATE_REPORT, queue=names.node_queue(worker.node)).get(timeout=30)
     samples = wait_for(lambda: (s := scrape(worker.metrics_url)).get(
