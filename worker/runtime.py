@@ -76,7 +76,12 @@ class Runtime:
         if s.jailer_binary:
             firecracker["jailer"] = {"binary": s.jailer_binary, "uid": s.jailer_uid, "gid": s.jailer_gid,
                                      "chroot_base": s.jailer_chroot_base, "cgroup_limits": s.jailer_cgroup_limits}
-        return {"qemu": {"binary": s.qemu_binary}, "firecracker": firecracker}
+        host_cgroup = None
+        if s.host_cgroup_parent:
+            host_cgroup = {"root": s.host_cgroup_root, "parent": s.host_cgroup_parent,
+                           "memory_overhead_mib": s.host_cgroup_memory_overhead_mib}
+        return {"qemu": {"binary": s.qemu_binary, "host_cgroup": host_cgroup},
+                "firecracker": {**firecracker, "host_cgroup": host_cgroup}}
 
     def tap_owner(self, vmm_name: str) -> int | None:
         """The uid a VMM opens its tap as, when that is not root (a jailed Firecracker)."""

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import hostcgroup
 from . import consolecap
 
 log = logging.getLogger(__name__)
@@ -232,9 +233,12 @@ class Driver:
 
     name = "base"
 
-    def __init__(self, console_max_bytes: int = 1 << 20, ready_marker: str = READY_MARKER):
+    def __init__(self, console_max_bytes: int = 1 << 20, ready_marker: str = READY_MARKER,
+                 host_cgroup: dict | None = None):
         self.console_max_bytes = int(console_max_bytes)
         self.ready_marker = ready_marker
+        # the VMM's own cgroup under the host's root (hostcgroup.py); None: the worker's cgroup
+        self.host_cgroup = hostcgroup.HostCgroupConfig.from_dict(host_cgroup)
 
     # --- for subclasses -------------------------------------------------------------------------
     def available(self) -> bool:
@@ -246,7 +250,8 @@ class Driver:
 
     def config(self) -> dict:
         """Driver settings saved in vm.json so a restart uses the same ones."""
-        return {"console_max_bytes": self.console_max_bytes, "ready_marker": self.ready_marker}
+        return {"console_max_bytes": self.console_max_bytes, "ready_marker": self.ready_marker,
+                "host_cgroup": self.host_cgroup.to_dict() if self.host_cgroup else None}
 
     def _prepare(self, spec: VMSpec) -> None:
         """Before launch: remove stale sockets and the like."""
@@ -280,9 +285,15 @@ class Driver:
             (state / stale).unlink(missing_ok=True)
         self._prepare(spec)
         argv = self.command(spec)
+        try:
+            # The supervisor joins the VM's host cgroup before it starts the VMM.
+            cgroup_args = hostcgroup.supervisor_args(self.host_cgroup, spec.uid, spec.vcpus, spec.memory_mib) \
+                if self.host_cgroup else []
+        except hostcgroup.HostCgroupError as exc:
+            raise VMMStartFailed(str(exc)) from exc
         launcher = [sys.executable, "-I", consolecap.__file__, "--state-dir", str(state),
                     "--max-bytes", str(self.console_max_bytes), "--ready-marker", self.ready_marker,
-                    "--", *argv]
+                    *cgroup_args, "--", *argv]
         try:
             res = subprocess.run(launcher, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                  timeout=LAUNCH_TIMEOUT, start_new_session=True, cwd=state)
@@ -374,6 +385,11 @@ class Driver:
             _wait_gone(int(sup), 5.0)
         (state / "pid").unlink(missing_ok=True)
         self._cleanup(state)
+        if self.host_cgroup:
+            saved = _read_json(state / "vm.json") or {}
+            uid = saved.get("spec", {}).get("uid")
+            if uid:
+                hostcgroup.remove(self.host_cgroup, uid)
 
 
 def load_saved(state_dir: str | os.PathLike) -> tuple[str, dict, VMSpec]:

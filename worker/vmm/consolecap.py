@@ -82,6 +82,25 @@ class RotatingLog:
             self.fd = -1
 
 
+def enter_cgroup(procs: list[str], cgroupns: str | None) -> None:
+    """Join the VM's host cgroup in every hierarchy (the files worker/hostcgroup.py created)
+    before the VMM starts, so the VMM is born there and its memory is charged to it. With
+    `cgroupns`, first enter that cgroup namespace (pid 1's): v2 refuses a move outside our own."""
+    if cgroupns:
+        import ctypes
+
+        fd = os.open(cgroupns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if ctypes.CDLL(None, use_errno=True).setns(fd, 0x02000000) != 0:  # CLONE_NEWCGROUP
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), cgroupns)
+        finally:
+            os.close(fd)
+    for path in procs:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))
+
+
 def supervise(args: argparse.Namespace, report_fd: int) -> int:
     state = args.state_dir
     log_path = os.path.join(state, "console.log")
@@ -89,6 +108,12 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
     if os.path.exists(log_path):
         os.replace(log_path, log_path + ".1")
     log = RotatingLog(log_path, args.max_bytes)
+
+    try:
+        enter_cgroup(args.cgroup_procs, args.cgroupns)
+    except OSError as exc:
+        os.write(report_fd, json.dumps({"error": f"cannot join the VM's host cgroup: {exc}"}).encode())
+        return 127
 
     read_fd, write_fd = os.pipe()
     started_mono = time.monotonic()
@@ -137,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--max-bytes", type=int, default=1 << 20)
     parser.add_argument("--ready-marker", default="")
+    parser.add_argument("--cgroup-procs", action="append", default=[],
+                        help="a cgroup.procs file the supervisor joins before starting the VMM (repeatable)")
+    parser.add_argument("--cgroupns", default=None, help="cgroup namespace to enter before joining")
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.argv and args.argv[0] == "--":

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import hostcgroup
 from .base import Driver, VMMStartFailed, VMSpec, kvm_status, load_saved, merge_kernel_args
 
 API_SOCKET = "fc.sock"
@@ -191,7 +192,17 @@ class FirecrackerDriver(Driver):
         argv = [j.binary, "--id", spec.uid, "--exec-file", shutil.which(self.binary) or self.binary,
                 "--uid", str(j.uid), "--gid", str(j.gid), "--chroot-base-dir", j.chroot_base,
                 "--cgroup-version", str(j.cgroup_version)]
-        if j.cgroup_limits and j.cgroup_version == 2:
+        if self.host_cgroup:
+            # The jailer's cgroup is the VM's host cgroup, <parent>/<uid>, which the supervisor
+            # already joined; it finds the hierarchies in /proc/mounts, so in a pod the host's
+            # cgroup root must be mounted at /sys/fs/cgroup (the chart does).
+            version = hostcgroup.host_version(self.host_cgroup.root)
+            argv[argv.index("--cgroup-version") + 1] = str(version)
+            argv += ["--parent-cgroup", self.host_cgroup.parent]
+            if j.cgroup_limits:
+                argv += hostcgroup.jailer_cgroup_args(version, spec.vcpus, spec.memory_mib,
+                                                      self.host_cgroup.memory_overhead_mib)
+        elif j.cgroup_limits and j.cgroup_version == 2:
             argv += ["--cgroup", f"cpu.max={spec.vcpus * CPU_PERIOD_US} {CPU_PERIOD_US}",
                      "--cgroup", f"memory.max={(spec.memory_mib + MEMORY_HEADROOM_MIB) << 20}"]
         if spec.netns:
@@ -256,8 +267,10 @@ class FirecrackerDriver(Driver):
         self.api_socket(spec).unlink(missing_ok=True)
         if self.jailer:
             # The jail holds only hard links (the VM's disk stays in its state dir) and an empty
-            # cgroup the jailer created; both go once the VMM is gone.
+            # cgroup the jailer created; both go once the VMM is gone (a host cgroup: in base).
             shutil.rmtree(self._jail_root(spec).parent, ignore_errors=True)
+            if self.host_cgroup:
+                return
             exec_name = os.path.basename(shutil.which(self.binary) or self.binary)
             try:
                 os.rmdir(f"/sys/fs/cgroup/{exec_name}/{spec.uid}")
