@@ -48,8 +48,10 @@ class Condition(Model):
 # --------------------------------------------------------------------------------- MicroVM
 
 class ImageSource(Model):
-    url: Optional[str] = Field(None, pattern=r"^(https?|file)://.+$", max_length=2048,
-                               description="Where to download the file from; requires sha256.")
+    url: Optional[str] = Field(None, pattern=r"^https?://\S+$", max_length=2048,
+                               description="An http:// or https:// URL to download the file from; requires sha256. "
+                                           "Hosts on loopback, link-local or private addresses are refused unless "
+                                           "the node allows their range.")
     sha256: Optional[str] = Field(None, pattern=SHA256, description="Hex SHA-256 digest the download must match.")
     path: Optional[str] = Field(None, min_length=1, max_length=255,
                                 description="A file relative to the node's image directory (no absolute paths, no '..').",

@@ -129,6 +129,11 @@ class Settings:
     image_download_timeout_seconds: float = 240.0
     """Timeout of one image download; below the task's hard time limit, so a slow download fails
     with ImageDownloadFailed instead of being cut off."""
+    # image URLs: which addresses a tenant's download may reach (worker/urlguard.py)
+    image_url_allowed_cidrs: str = ""
+    """Comma-separated CIDRs an image URL's host (and every redirect's) may resolve to although
+    they are loopback, link-local, private or otherwise not public, e.g. the Service range of an
+    in-cluster image server (`10.96.0.0/12`). Empty: image URLs reach public addresses only."""
     console_max_bytes: int = 1 << 20
     """Size cap of each VM's console log."""
     bridge: str = "mikrombr0"

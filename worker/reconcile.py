@@ -181,6 +181,9 @@ class Reconciler:
         except vmm.VMMStartFailed as exc:
             local.update_meta(lastReason=exc.reason)
             return self._fail(vm, local, exc.reason, str(exc))
+        except (images.ImageRefused, images.ImageNotFound) as exc:
+            # the rootfs changed after it was resolved (replaced by a FIFO, a device, removed)
+            return self._fail(vm, local, exc.reason, str(exc), terminal=isinstance(exc, images.ImageRefused))
         vm = self._write(vm, Phase.PROVISIONING.value, "Booting", f"booting (pid {pid})",
                          self._identity(vmm_name, address, pid))
         return self._await_ready(vm, local, event_reason)

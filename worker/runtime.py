@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mikrom.settings import Settings
 
-from . import images, ipalloc, netdev, vmm
+from . import images, ipalloc, netdev, urlguard, vmm
 from .locks import NodeLocks
 from .state import LocalVM, valid_uid, vmm_processes
 
@@ -59,6 +59,7 @@ class Runtime:
         self.locks = locks
         self.vms_dir = Path(settings.state_dir) / "vms"
         self.cache_dir = Path(settings.state_dir) / "images"
+        self.image_url_allowed = urlguard.parse_cidrs(settings.image_url_allowed_cidrs)
         self.netns = settings.netns or None
         self._available: list[str] | None = None
         self._bridges: set[tuple[str, str]] = set()
@@ -125,7 +126,8 @@ class Runtime:
                     held.remove = True
                     return str(images.fetch(source["url"], digest, self.cache_dir, timeout=timeout,
                                             max_bytes=self.settings.image_max_bytes,
-                                            field=f"spec.image.{what}.url"))
+                                            field=f"spec.image.{what}.url",
+                                            allowed_cidrs=self.image_url_allowed))
             raise images.ImageRefused(f"spec.image.{what}: needs a path or a url")
 
         kernel = one("kernel")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from harness.http_files import FileServer
-from mikrom.worker import images
+from mikrom.worker import images, urlguard
 from mikrom.worker.images import ChecksumMismatch, ImageNotFound, ImageRefused, ImageTooLarge
 
 
@@ -54,6 +54,10 @@ def test_missing_image_is_not_found_and_a_directory_is_refused(image_dir):
         images.resolve_path(image_dir, "kernels")
 
 
+LOOPBACK = urlguard.parse_cidrs("127.0.0.0/8")
+"""The test server is on loopback, which image URLs reach only when the node allows it."""
+
+
 @pytest.fixture
 def served(tmp_path):
     root = tmp_path / "www"
@@ -73,10 +77,10 @@ def test_download_with_the_right_digest_is_cached_once(served, tmp_path):
     server, data = served
     digest = hashlib.sha256(data).hexdigest()
     cache = tmp_path / "cache"
-    first = images.fetch(server.url("rootfs.ext4"), digest, cache, timeout=10)
+    first = images.fetch(server.url("rootfs.ext4"), digest, cache, timeout=10, allowed_cidrs=LOOPBACK)
     assert first == cache / "sha256" / digest
     assert first.read_bytes() == data
-    second = images.fetch(server.url("rootfs.ext4"), digest.upper(), cache, timeout=10)
+    second = images.fetch(server.url("rootfs.ext4"), digest.upper(), cache, timeout=10, allowed_cidrs=LOOPBACK)
     assert second == first
     assert server.hits == ["/rootfs.ext4"]
     assert _cache_files(cache) == [digest]
@@ -86,7 +90,7 @@ def test_wrong_digest_raises_checksum_mismatch_and_leaves_nothing(served, tmp_pa
     server, _ = served
     cache = tmp_path / "cache"
     with pytest.raises(ChecksumMismatch) as err:
-        images.fetch(server.url("rootfs.ext4"), "0" * 64, cache, timeout=10)
+        images.fetch(server.url("rootfs.ext4"), "0" * 64, cache, timeout=10, allowed_cidrs=LOOPBACK)
     assert err.value.reason == "ChecksumMismatch"
     assert _cache_files(cache) == []
 
@@ -96,7 +100,7 @@ def test_oversize_download_raises_image_too_large_and_leaves_nothing(served, tmp
     cache = tmp_path / "cache"
     with pytest.raises(ImageTooLarge) as err:
         images.fetch(server.url("rootfs.ext4"), hashlib.sha256(data).hexdigest(), cache, timeout=10,
-                     max_bytes=len(data) - 1)
+                     max_bytes=len(data) - 1, allowed_cidrs=LOOPBACK)
     assert err.value.reason == "ImageTooLarge"
     assert _cache_files(cache) == []
 
@@ -104,19 +108,20 @@ def test_oversize_download_raises_image_too_large_and_leaves_nothing(served, tmp
 def test_unreachable_url_raises_image_download_failed(served, tmp_path):
     server, _ = served
     with pytest.raises(images.ImageDownloadFailed) as err:
-        images.fetch(server.url("missing"), "1" * 64, tmp_path / "cache", timeout=10)
+        images.fetch(server.url("missing"), "1" * 64, tmp_path / "cache", timeout=10, allowed_cidrs=LOOPBACK)
     assert err.value.reason == "ImageDownloadFailed"
 
 
-def test_file_urls_are_supported_and_other_schemes_or_bad_digests_refused(tmp_path):
+def test_file_urls_other_schemes_and_bad_digests_are_refused(tmp_path):
     src = tmp_path / "kernel"
     src.write_bytes(b"abc")
     digest = hashlib.sha256(b"abc").hexdigest()
-    assert images.fetch(src.as_uri(), digest, tmp_path / "cache").read_bytes() == b"abc"
-    with pytest.raises(ImageRefused, match="scheme"):
+    with pytest.raises(ImageRefused, match="only http"):
+        images.fetch(src.as_uri(), digest, tmp_path / "cache")
+    with pytest.raises(ImageRefused, match="only http"):
         images.fetch("ftp://example.invalid/x", digest, tmp_path / "cache")
     with pytest.raises(ImageRefused, match="sha256"):
-        images.fetch(src.as_uri(), "abc", tmp_path / "cache")
+        images.fetch("https://example.invalid/x", "abc", tmp_path / "cache")
 
 
 def test_each_vm_gets_its_own_sparse_copy_of_the_rootfs_made_once(tmp_path):
