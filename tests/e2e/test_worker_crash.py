@@ -10,7 +10,9 @@ import time
 
 import pytest
 from harness.netns import link_exists, ping
+from harness.procs import holds_for, wait_for
 from harness.vms import e2e_skip_reason, vmm_pids
+from harness.worker_proc import broadcast_until
 
 from mikrom import names
 
@@ -51,13 +53,13 @@ def test_a_running_vm_survives_a_worker_kill_and_the_next_worker_adopts_it(fleet
     watch.start()
 
     worker.kill()
-    time.sleep(2)
-    assert vmm_pids(worker.state_dir, uid) == [pid], "the VM must outlive its worker"
+    holds_for(lambda: vmm_pids(worker.state_dir, uid) == [pid], 2, "the VM to outlive its worker")
     assert ping(netns, ip).returncode == 0
 
     worker.start()
     worker.wait_log("startup sync (adoption)", 60)
-    time.sleep(3)  # a few heartbeats and a sync later
+    # a few heartbeats and a sync later, the adopted VM is still the same process
+    holds_for(lambda: fleet.status("steady").get("pid") == pid, 3, "the adopted VM to keep its pid")
     seen = watch.stop()
     assert seen == ["Running"], f"status left Running: {seen}"
     st = fleet.status("steady")
@@ -81,9 +83,7 @@ def test_four_creates_cut_short_by_a_worker_kill_end_with_four_running_vms_and_f
         fleet.create(name)
 
     # kill once the first VMMs are up but before every VM is Running
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not vmm_pids(worker.state_dir):
-        time.sleep(0.05)
+    wait_for(lambda: vmm_pids(worker.state_dir), 60, "the first VMM to start", interval=0.05)
     running_before = [n for n in vm_names if fleet.status(n).get("phase") == "Running"]
     worker.kill()
     assert vmm_pids(worker.state_dir), "no VMM had started before the kill"
@@ -91,9 +91,7 @@ def test_four_creates_cut_short_by_a_worker_kill_end_with_four_running_vms_and_f
 
     worker.start()
     statuses = {n: fleet.wait_phase(n, "Running", timeout=180, avoid=("Failed",)) for n in vm_names}
-    time.sleep(2)
-    pids = vmm_pids(worker.state_dir)
-    assert len(pids) == 4, pids
+    holds_for(lambda: len(vmm_pids(worker.state_dir)) == 4, 2, "exactly four VMMs")
     uids = {n: fleet.get(n)["metadata"]["uid"] for n in vm_names}
     for n in vm_names:
         assert vmm_pids(worker.state_dir, uids[n]) == [statuses[n]["pid"]]
@@ -118,20 +116,19 @@ def test_inspect_ping_answers_within_a_second_while_four_vms_boot_and_a_hundred_
         vm = fleet.create(name)
         refs.append({"namespace": fleet.ns, "name": name, "uid": vm["metadata"]["uid"], "intent": "create"})
     for name in vm_names:  # placed: from now on the node's worker owns them
-        deadline = time.monotonic() + 30
-        while not fleet.status(name).get("node") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: fleet.status(name).get("node"), 30, f"{name} to be placed", interval=0.05)
     # 100 more messages for the same VMs: duplicates wait for each VM's lock, then find it done
     results = [celery_client.send_task(names.CREATE_VM, kwargs=refs[i % 4], queue=names.node_queue(worker.node))
                for i in range(100)]
 
     destination = [f"mikrom@{worker.node}"]
     latencies, cli_answered = [], None
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        phases = [fleet.status(n).get("phase") for n in vm_names]
-        if all(p == "Running" for p in phases):
-            break
+
+    def all_running_measuring_pings() -> bool:
+        """Whether the four VMs run; until they do, each look also measures an `inspect ping`."""
+        nonlocal cli_answered
+        if all(fleet.status(n).get("phase") == "Running" for n in vm_names):
+            return True
         t0 = time.monotonic()
         replies = celery_client.control.ping(destination=destination, timeout=1.0, limit=1)
         latencies.append(time.monotonic() - t0 if replies else float("inf"))
@@ -139,7 +136,9 @@ def test_inspect_ping_answers_within_a_second_while_four_vms_boot_and_a_hundred_
             # the guide's own command, with a one-second answer deadline
             res = worker.celery("inspect", "ping", "-d", destination[0], "--timeout", "1", timeout=60)
             cli_answered = res.returncode == 0 and "pong" in res.stdout
-        time.sleep(0.1)
+        return False
+
+    wait_for(all_running_measuring_pings, 180, "the four VMs to run", interval=0.1)
     print(f"inspect ping latencies while booting (s): {[round(x, 3) for x in latencies]}")
     assert all(fleet.status(n).get("phase") == "Running" for n in vm_names)
     assert len(latencies) >= 3, "the VMs booted before the pings could be measured"
@@ -170,12 +169,9 @@ def test_a_vm_deleted_while_its_worker_was_down_is_swept_as_an_orphan_when_the_w
     assert vmm_pids(worker.state_dir, uid) == [st["pid"]] and link_exists(netns, tap)
 
     worker.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        celery_client.send_task(names.CLEANUP_OLD_VMS, kwargs={"orphan_min_age_seconds": 0})  # broadcast
-        time.sleep(2)
-        if not vmm_pids(worker.state_dir, uid) and not (worker.vms_dir / uid).exists():
-            break
+    broadcast_until(celery_client, names.CLEANUP_OLD_VMS, {"orphan_min_age_seconds": 0},
+                    lambda: not vmm_pids(worker.state_dir, uid) and not (worker.vms_dir / uid).exists(), 60,
+                    "the orphan sweep to stop the VMM and remove its directory", every=2)
     assert vmm_pids(worker.state_dir, uid) == []
     assert not (worker.vms_dir / uid).exists()
     assert not link_exists(netns, tap)

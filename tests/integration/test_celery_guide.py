@@ -5,12 +5,12 @@ import base64
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 
 from harness import procs
+from harness.waits import wait_for
 
 CELERY = [sys.executable, "-m", "celery", "-A", "mikrom.celery_app"]
 
@@ -27,10 +27,8 @@ def test_beat_sends_the_guides_schedule(redis, tmp_path):
     beat = procs.start("celery-beat", CELERY + ["beat", "--loglevel=info", "-s", str(tmp_path / "schedule")],
                        tmp_path, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and beat.tail(200).count("Sending due task sync-status") < 2:
-            assert beat.alive(), beat.tail()
-            time.sleep(0.5)
+        wait_for(lambda: beat.tail(200).count("Sending due task sync-status") >= 2, 60,
+                 "beat to send sync-status twice", interval=0.5, abort=lambda: None if beat.alive() else f"beat exited:\n{beat.tail()}")
         log = beat.tail(200)
         assert log.count("Sending due task sync-status (mikrom.worker.tasks.sync_vm_status)") >= 2, log
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from harness.procs import wait_for
+from harness.procs import holds_for, wait_for
 from harness.operator_proc import TEST_ENV
 from mikrom import names
 
@@ -60,9 +60,9 @@ def test_without_an_answer_the_finalizer_stays_until_force_delete_is_set(operato
     forced = [e for e in mvms.events(uid[0]) if e.reason == names.FORCE_DELETED]
     assert forced and forced[0].type == "Warning" and names.ANNOTATION_FORCE_DELETE in forced[0].message
 
-    time.sleep(max(0.0, DELETE_WAIT + 3 - (time.monotonic() - deleted)))
-    vm = mvms.get("waits")  # no answer, node alive, no annotation: it waits
-    assert vm is not None and vm["status"]["phase"] == "Deleting"
+    # no answer, node alive, no annotation: it waits, past the bounded wait and a margin
+    holds_for(lambda: mvms.status("waits").get("phase") == "Deleting",
+              max(0.0, DELETE_WAIT + 3 - (time.monotonic() - deleted)), "waits to stay Deleting")
     mvms.patch("waits", {"metadata": {"annotations": {names.ANNOTATION_FORCE_DELETE: "true"}}})
     _gone(mvms, "waits", 10)
 
@@ -79,8 +79,7 @@ def test_vm_on_a_lost_node_is_released_after_the_bounded_wait_with_a_warning(ope
     mvms.wait_phase("vm", "Unknown", timeout=20)
 
     mvms.delete("vm")
-    time.sleep(1)
-    assert mvms.get("vm") is not None  # not before the wait is over
+    holds_for(lambda: mvms.get("vm") is not None, 1, "vm to stay until the bounded wait is over")
     _gone(mvms, "vm", DELETE_WAIT + 10)
     forced = [e for e in mvms.events(uid) if e.reason == names.FORCE_DELETED]
     assert forced and forced[0].type == "Warning" and "lost" in forced[0].message

@@ -6,13 +6,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import redis
 import yaml
 from harness.fake_worker import message_has_no_spec
-from harness.procs import wait_for
+from harness.procs import holds_for, wait_for
 from harness.scrape import scrape
 from harness import binaries
 from harness.serviceaccounts import OPERATOR
@@ -33,7 +32,7 @@ def test_applied_example_sends_exactly_one_reference_only_message_to_its_node(mi
     vm = wait_for(lambda: mvms.get("hello") if mvms.status("hello").get("phase") == "Running" else None, 30,
                   "the example VM to run")
     uid = vm["metadata"]["uid"]
-    time.sleep(2)  # room for a duplicate to show up, if there were one
+    holds_for(lambda: len(worker.messages()) == 1, 2, "a single message (room for a duplicate to show up)")
 
     msgs = worker.messages(uid=uid)
     assert [m.task for m in msgs] == [names.CREATE_VM], msgs

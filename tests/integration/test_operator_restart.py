@@ -9,7 +9,7 @@ import json
 import threading
 import time
 
-from harness.procs import wait_for
+from harness.procs import holds_for, wait_for
 from mikrom import names
 
 
@@ -25,7 +25,7 @@ def test_kill_9_during_50_creates_loses_no_vm_and_sends_no_unlogged_duplicates(o
     def create_all():
         for i in range(50):
             created.append(mvms.create(f"vm-{i:02d}", nodeSelector=sel)["metadata"]["uid"])
-            time.sleep(0.15)
+            time.sleep(0.15)  # a steady stream of creates, so the kill lands in the middle of it
 
     creator = threading.Thread(target=create_all)
     creator.start()
@@ -38,7 +38,8 @@ def test_kill_9_during_50_creates_loses_no_vm_and_sends_no_unlogged_duplicates(o
     second = operators("second")
     wait_for(lambda: all(vm.get("status", {}).get("phase") == "Scheduled" for vm in mvms.list())
              and len(mvms.list()) == 50, 60, "all 50 VMs Scheduled")
-    time.sleep(2)  # let any late message arrive
+    sent = len(worker.messages())
+    holds_for(lambda: len(worker.messages()) == sent, 2, "no late message")
 
     vms = mvms.list()
     assert sorted(vm["metadata"]["uid"] for vm in vms) == sorted(created)  # none lost, none doubled
@@ -80,11 +81,9 @@ def test_two_replicas_run_with_one_active_and_the_standby_takes_over(mikrom_clus
 
     mvms.create("one", nodeName=node)
     mvms.wait_phase("one", "Running")
-    time.sleep(2)
-    uid = mvms.get("one")["metadata"]["uid"]
-    assert [d["vm_uid"] for d in active.dispatches()] == [uid]
-    assert standby.dispatches() == []
-    assert len(worker.messages(uid=uid)) == 1
+    uid = mvms.uid("one")
+    holds_for(lambda: [d["vm_uid"] for d in active.dispatches()] == [uid] and standby.dispatches() == []
+              and len(worker.messages(uid=uid)) == 1, 2, "one dispatch, by the active replica only")
     assert not any("Resuming operations" in line for line in standby.lines())  # paused from its start
 
     active.kill()

@@ -5,12 +5,11 @@ throughout, retries nothing in a loop, and logs no unhandled exception."""
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import yaml
 
-from harness.procs import wait_for
+from harness.procs import holds_for, wait_for
 from mikrom import names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,9 +166,8 @@ def test_every_invalid_manifest_is_refused_or_marked_invalid_naming_the_field(mi
     # no retry loop: the invalid VMs' status stays as it is and each has exactly one Event
     before = {b["metadata"]["name"]: mvms.get(b["metadata"]["name"])["metadata"]["resourceVersion"]
               for _, b, _ in invalid}
-    time.sleep(3)
-    after = {n: mvms.get(n)["metadata"]["resourceVersion"] for n in before}
-    assert before == after
+    holds_for(lambda: {n: mvms.get(n)["metadata"]["resourceVersion"] for n in before} == before, 3,
+              "the invalid VMs to stay unchanged")
     for name in before:
         events = [e for e in mvms.events(mvms.get(name)["metadata"]["uid"]) if e.reason == names.INVALID_SPEC]
         assert len(events) == 1, (name, [e.message for e in events])

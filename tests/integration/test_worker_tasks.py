@@ -9,14 +9,14 @@ the operator's part where one is needed (placing a VM means setting `status.node
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 import pytest
 from harness.microvms import T, MicroVMClient
-from harness.procs import wait_for
+from harness.procs import holds_for, wait_for
 from harness.scrape import scrape
 from harness.serviceaccounts import WORKER
+from harness.worker_proc import broadcast_until
 
 from mikrom import broker, names
 from mikrom.worker.locks import NodeLocks
@@ -172,10 +172,8 @@ def test_a_task_waits_for_the_vm_lock_held_by_another_process(worker, vms, celer
     uid = vm["metadata"]["uid"]
     with NodeLocks(worker.state_dir / "locks").hold(uid, timeout=5):
         result = celery_client.send_task(names.STOP_VM, kwargs=ref(vm, "stop"), queue=names.node_queue(worker.node))
-        time.sleep(3)
-        assert not result.ready()
-        assert "phase" not in vms.get("locked")["status"] or \
-            vms.get("locked")["status"]["phase"] == "Scheduled"
+        holds_for(lambda: not result.ready() and vms.status("locked")["phase"] == "Scheduled", 3,
+                  "the task to wait for the lock, leaving the VM alone")
     assert result.get(timeout=30)["outcome"] == "stopped"
 
 
@@ -197,20 +195,6 @@ def test_the_broadcast_sync_reports_vms_without_any_vm_task(worker, vms, celery_
                     30, "the broadcast sync to report the VM Stopped")
     # the worker's own periodic sync is 300 s away: the broadcast task did it
     assert f"Task {names.SYNC_VM_STATUS}[" in worker.log_text()
-
-
-def broadcast_until(app, task: str, kwargs: dict, check, timeout: float, what: str) -> None:
-    """Send a broadcast task until `check` holds. Redis fanout is pub/sub: a worker that has only
-    just started may not have subscribed yet, and beat simply sends again next period."""
-    deadline = time.monotonic() + timeout
-    while True:
-        app.send_task(task, kwargs=kwargs)
-        try:
-            wait_for(check, 3, what)
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
 
 
 def test_cleanup_deletes_finished_vms_past_their_ttl_and_removes_orphan_directories(worker, vms, celery_client):

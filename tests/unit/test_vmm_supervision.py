@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness.waits import wait_for
 from mikrom.worker.vmm import BootTimeout, VMMExited, VMMStartFailed, VMSpec, running_pid
 from mikrom.worker.vmm.base import Driver, _proc_alive
 from mikrom.worker.vmm.consolecap import RotatingLog
@@ -170,10 +171,7 @@ def test_console_log_stays_within_the_cap_and_keeps_the_latest_output(tmp_path):
     driver = ShellDriver(script, console_max_bytes=cap)
     spec = make_spec(tmp_path)
     driver.start(spec)
-    deadline = time.monotonic() + 20
-    while not (spec.state_dir / "exit.json").exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: (spec.state_dir / "exit.json").exists(), 20, "the script to exit", interval=0.05)
     log = spec.state_dir / "console.log"
     rotated = spec.state_dir / "console.log.1"
     assert log.stat().st_size + rotated.stat().st_size <= cap

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from harness.waits import wait_for
 
 from mikrom.worker.locks import LockTimeout, NodeLocks
 
@@ -90,10 +91,25 @@ def test_a_waiter_on_a_removed_lock_file_takes_the_new_file(tmp_path):
     with first.hold("vm-1", timeout=1) as held:
         t = threading.Thread(target=waiter)
         t.start()
-        time.sleep(0.2)  # the waiter has opened the old file and polls its flock
+        # once the waiter has opened the old file (a second descriptor on it) it polls that file's flock
+        wait_for(lambda: _descriptors_on(first.path("vm-1")) == 2, 5, "the waiter to open the lock file",
+                 interval=0.01)
         held.remove = True
     t.join(10)
     assert seen == [True]
+
+
+def _descriptors_on(path) -> int:
+    """How many of this process's open descriptors refer to the file at `path`."""
+    target = os.stat(path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
+    return count
 
 
 def test_lock_keys_cannot_name_paths(tmp_path):

@@ -4,7 +4,8 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+from harness.waits import wait_for
 
 from mikrom.worker.state import LocalVM, local_uids, process_age_seconds, vmm_processes
 
@@ -56,10 +57,8 @@ def test_processes_naming_a_state_directory_are_found_by_uid(tmp_path):
     marker = str((vms / "u-2").resolve()) + "/qmp.sock"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", marker])
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and "u-2" not in vmm_processes(vms):
-            time.sleep(0.05)
-        assert vmm_processes(vms).get("u-2") == [proc.pid]
+        found = wait_for(lambda: vmm_processes(vms).get("u-2"), 5, "the process naming u-2", interval=0.05)
+        assert found == [proc.pid]
         assert 0 <= process_age_seconds(proc.pid) < 30
     finally:
         proc.kill()
