@@ -1,7 +1,11 @@
 """Node-level pure pieces: capacity, self-fencing, the fleet summary, task arguments."""
 
-import pytest
+import os
 
+import pytest
+from pydantic import ValidationError
+
+from mikrom import names
 from mikrom.settings import Settings
 from mikrom.worker.maintenance import summarize
 from mikrom.worker.node import host_capacity, should_fence
@@ -12,9 +16,10 @@ def test_capacity_comes_from_settings_when_given():
     assert host_capacity(8, 4096) == {"vcpus": 8, "memoryMiB": 4096}
 
 
-def test_capacity_defaults_to_the_host():
-    cap = host_capacity()
-    assert cap["vcpus"] >= 1 and cap["memoryMiB"] > 100
+def test_capacity_defaults_to_the_cpus_this_process_may_use_and_ninety_percent_of_memory():
+    with open("/proc/meminfo") as f:
+        total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+    assert host_capacity() == {"vcpus": len(os.sched_getaffinity(0)), "memoryMiB": int(total_kib / 1024 * 0.9)}
 
 
 def test_a_worker_fences_itself_only_after_the_configured_silence():
@@ -41,12 +46,14 @@ def test_the_fleet_summary_counts_phases_per_node_and_lists_failures():
 
 
 def test_vm_tasks_take_a_reference_and_nothing_else():
-    ref = _ref(__import__("mikrom.names").names.Intent.CREATE, (), {"namespace": "a", "name": "b", "uid": "c"})
+    ref = _ref(names.Intent.CREATE, (), {"namespace": "a", "name": "b", "uid": "c"})
     assert ref.intent == "create"
-    with pytest.raises(ValueError):
-        _ref(ref.intent, (1, 2, 2048), {})  # the old guide's positional form
-    with pytest.raises(Exception):
-        _ref(ref.intent, (), {"namespace": "a", "name": "b", "uid": "c", "kernel_path": "/boot/evil"})
+    with pytest.raises(ValueError, match="keyword arguments only"):
+        _ref(names.Intent.CREATE, (1, 2, 2048), {})  # the old guide's positional form
+    with pytest.raises(ValidationError) as forged:
+        _ref(names.Intent.CREATE, (), {"namespace": "a", "name": "b", "uid": "c", "kernel_path": "/boot/evil"})
+    assert [(e["loc"], e["type"]) for e in forged.value.errors()] == [(("kernel_path",), "extra_forbidden")]
+    assert "kernel_path" in str(forged.value)
 
 
 def test_a_task_waits_for_the_vm_lock_less_than_its_hard_time_limit():
