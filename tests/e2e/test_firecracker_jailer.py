@@ -4,7 +4,7 @@ the unprivileged VMM must open, and start, ready, stop and cleanup work through 
 The jailer here is tests/data/firecracker/standin_jailer.py (its docstring says what it leaves
 out): it builds the jail directory, drops to the jail's uid:gid and answers Firecracker's API,
 opening every file a request names as that uid. The requests it served are checked against
-Firecracker's API specification. Needs root (chown, setuid), as the real jailer does.
+Firecracker's API specification. Needs root (chown, setuid), as the real jailer does: the e2e tier.
 """
 
 from __future__ import annotations
