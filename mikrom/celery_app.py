@@ -22,13 +22,13 @@ celery_app = app  # the original guide's name for it
 
 
 def route_task(name, args, kwargs, options, task=None, **kw):
-    """VM tasks go to the queue of the node named in `node`; beat's status sync, orphan sweep and
-    health check are broadcast (every node does its own). A queue the caller names wins: Celery
-    would otherwise merge it with this route's exchange and send it somewhere else."""
+    """Beat's status sync, orphan sweep and health check are broadcast (every node does its own);
+    the rest goes to the default queue. A queue the caller names wins: Celery would otherwise merge
+    it with this route's exchange and send it somewhere else. VM tasks reach a node's queue that
+    way (the operator names `mikrom.node.<node>`), or from the default queue, where a worker
+    forwards them to the VM's node: their body is a VMRef, which has no field naming a node."""
     if options and options.get("queue"):
         return None
-    if name in names.VM_TASKS and kwargs and kwargs.get("node"):
-        return {"queue": names.node_queue(kwargs["node"]), "routing_key": names.node_queue(kwargs["node"])}
     if name in (names.SYNC_VM_STATUS, names.CLEANUP_OLD_VMS, names.HEALTH_CHECK):
         # Celery never declares a Broadcast queue's exchange when sending, and kombu's Redis
         # transport takes an exchange it has not seen declared for a direct one: the message would

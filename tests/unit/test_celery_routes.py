@@ -1,4 +1,4 @@
-"""Where each task goes: node-routed VM tasks, broadcast maintenance, everything else on `mikrom`."""
+"""Where each task goes: broadcast maintenance, a queue the caller names, everything else on `mikrom`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,6 @@ import pytest
 
 from mikrom import names
 from mikrom.celery_app import app, route_task
-
-
-@pytest.mark.parametrize("task", names.VM_TASKS)
-def test_vm_tasks_go_to_the_queue_of_their_node(task):
-    route = route_task(task, (), {"node": "kvm-1", "namespace": "a", "name": "b", "uid": "c"}, {})
-    assert route == {"queue": "mikrom.node.kvm-1", "routing_key": "mikrom.node.kvm-1"}
 
 
 @pytest.mark.parametrize("task", [names.SYNC_VM_STATUS, names.CLEANUP_OLD_VMS, names.HEALTH_CHECK])
@@ -36,7 +30,8 @@ def test_every_task_of_the_beat_schedule_is_registered_and_routed():
 
 @pytest.mark.parametrize("task", [names.HEALTH_CHECK, names.SYNC_VM_STATUS, names.CREATE_VM])
 def test_a_queue_named_by_the_caller_wins(task):
-    assert route_task(task, (), {"node": "kvm-1"}, {"queue": "mikrom.node.kvm-2"}) is None
-    message = app.amqp.router.route({"queue": "mikrom"}, task, (), {"node": "kvm-1"})
+    ref = {"namespace": "a", "name": "b", "uid": "c"}
+    assert route_task(task, (), ref, {"queue": "mikrom.node.kvm-2"}) is None
+    message = app.amqp.router.route({"queue": "mikrom"}, task, (), ref)
     assert message["queue"].name == "mikrom"
     assert message["queue"].exchange.name == "mikrom" and message["queue"].exchange.type == "direct"
