@@ -6,14 +6,18 @@ Configuration is written here once. The operator only sends tasks by name; the w
 
 from __future__ import annotations
 
+import os
 import sys
 
 from celery import Celery
 from kombu import Exchange, Queue
 from kombu.common import Broadcast
 
-from . import names
+from . import broker, names
 from .settings import Settings
+
+SERVICES = ("worker", "beat", "flower", "events")
+"""`celery` commands that run as a service: they refuse a broker without a password at start."""
 
 settings = Settings.from_env()
 
@@ -40,9 +44,44 @@ def route_task(name, args, kwargs, options, task=None, **kw):
     return {"queue": names.DEFAULT_QUEUE, "routing_key": names.DEFAULT_QUEUE}
 
 
+def celery_command(argv: list[str] | None = None) -> str | None:
+    """The `celery` subcommand this process runs (`celery -A mikrom.celery_app worker ...`,
+    `python -m celery ...`, or `mikrom worker`, which runs Celery's main), or None when this
+    process is not the `celery` command line (the operator, a test importing the app)."""
+    argv = sys.argv if argv is None else argv
+    if not argv:
+        return None
+    prog = argv[0]
+    if os.path.basename(prog) == "flower":
+        return "flower"
+    if os.path.basename(prog) != "celery" and not prog.endswith(os.path.join("celery", "__main__.py")):
+        return None
+    commands = {"worker", "beat", "flower", "events", "inspect", "control", "purge", "call", "shell", "status",
+                "result", "migrate", "multi", "report", "amqp", "graph", "list", "upgrade", "logtool"}
+    return next((a for a in argv[1:] if a in commands), None)
+
+
 def configure(app: Celery, settings: Settings) -> None:
     """Apply `settings` to `app` (tests call it again with their own Redis)."""
+    broker_transport = {
+        "visibility_timeout": max(3600, settings.task_time_limit * 2),
+        "socket_timeout": settings.redis_timeout_seconds,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
+    }
+    backend_transport: dict = {"retry_policy": {"timeout": settings.redis_timeout_seconds}}
+    secure: dict = {}
+    # kombu takes a bare rediss:// URL as "TLS without certificate checks": the options are
+    # always given, from the settings (verified against MIKROM_BROKER_CA_FILE by default)
+    if broker.scheme(settings.broker) == "rediss":
+        secure["broker_use_ssl"] = broker.tls_options(settings)
+    if broker.scheme(settings.backend) == "rediss":
+        secure["redis_backend_use_ssl"] = broker.tls_options(settings)
+    if broker.scheme(settings.broker) == "sentinel":
+        broker_transport["master_name"] = settings.broker_sentinel_master
+    if broker.scheme(settings.backend) == "sentinel":
+        backend_transport["master_name"] = settings.broker_sentinel_master
     app.conf.update(
+        **secure,
         broker_url=settings.broker,
         result_backend=settings.backend,
         # JSON only: a forged pickle in Redis must not run code
@@ -59,13 +98,10 @@ def configure(app: Celery, settings: Settings) -> None:
         task_soft_time_limit=settings.task_soft_time_limit,
         result_expires=settings.result_expires_seconds,
         result_extended=True,
-        # Redis redelivers unacknowledged messages after this; it must outlast the hard time limit
-        broker_transport_options={
-            "visibility_timeout": max(3600, settings.task_time_limit * 2),
-            "socket_timeout": settings.redis_timeout_seconds,
-            "socket_connect_timeout": settings.redis_timeout_seconds,
-        },
-        result_backend_transport_options={"retry_policy": {"timeout": settings.redis_timeout_seconds}},
+        # Redis redelivers unacknowledged messages after visibility_timeout; it must outlast the
+        # hard time limit
+        broker_transport_options=broker_transport,
+        result_backend_transport_options=backend_transport,
         redis_socket_timeout=settings.redis_timeout_seconds,
         redis_socket_connect_timeout=settings.redis_timeout_seconds,
         redis_retry_on_timeout=True,
@@ -103,9 +139,12 @@ def beat_schedule(settings: Settings) -> dict:
     }
 
 
+if celery_command() in SERVICES:  # worker, beat, flower: no start with a broker open to anyone
+    broker.refuse_to_start(settings, celery_command())
+
 configure(app, settings)
 
-if "flower" in sys.argv[1:]:  # `celery -A mikrom.celery_app flower ...`: the guide's options
+if celery_command() == "flower":  # `celery -A mikrom.celery_app flower ...`: the guide's options
     from . import flower_compat
 
     flower_compat.install()

@@ -8,6 +8,10 @@ import sys
 
 
 def _operator(args: argparse.Namespace) -> int:
+    from mikrom import broker
+    from mikrom.settings import Settings
+
+    broker.refuse_to_start(Settings.from_env(), "operator")
     from mikrom.operator import main as operator_main
 
     return operator_main.run(standalone=args.standalone, liveness=args.liveness, peering=args.peering,
@@ -15,10 +19,11 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from mikrom import names
+    from mikrom import broker, names
     from mikrom.settings import Settings
 
     settings = Settings.from_env()
+    broker.refuse_to_start(settings, "worker")
     node = args.node or settings.node_name
     os.environ["MIKROM_NODE_NAME"] = node
     argv = ["celery", "-A", "mikrom.celery_app", "worker", "--pool=gevent", f"--concurrency={args.concurrency}",

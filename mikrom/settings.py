@@ -30,14 +30,32 @@ def _coerce(raw: str, kind: type):
 class Settings:
     """Everything configurable. Each field's environment variable is MIKROM_<FIELD> in capitals."""
 
-    broker_url: str = "redis://localhost:6379/0"
-    """Redis URL of the Celery broker (password inside the URL, or `redis_password`)."""
-    result_backend: str = ""
+    # broker and its credentials (secret fields are masked in repr(); see docs/security.md)
+    broker_url: str = field(default="redis://localhost:6379/0", metadata={"secret": "url"})
+    """Redis URL of the Celery broker: `redis://`, `rediss://` (TLS) or `sentinel://` (several
+    joined by `;`); the password inside the URL, or `redis_password`."""
+    result_backend: str = field(default="", metadata={"secret": "url"})
     """Celery result backend; empty: the broker URL."""
-    redis_password: str = ""
+    redis_password: str = field(default="", repr=False, metadata={"secret": "value"})
     """Password added to `broker_url`/`result_backend` when they carry none (from a Secret)."""
     redis_timeout_seconds: float = 5.0
     """Socket and connect timeout for every Redis call."""
+    broker_allow_no_password: bool = False
+    """Let the operator, worker, beat and Flower start with a broker or result backend that has no
+    password (a throwaway Redis on loopback). Off: they refuse to start. Anyone who can write to
+    the broker can send tasks to every node."""
+    broker_ca_file: str = ""
+    """CA bundle that verifies the certificate of a `rediss://` broker and result backend; empty:
+    the system's CAs."""
+    broker_cert_reqs: str = "required"
+    """Certificate check of a `rediss://` broker: `required` (verified against the CA, and the
+    host name), `optional` or `none` (encrypted but unauthenticated; for tests only)."""
+    broker_cert_file: str = ""
+    """Client certificate for a `rediss://` broker that asks for one (`tls-auth-clients`)."""
+    broker_key_file: str = ""
+    """Private key of `broker_cert_file`."""
+    broker_sentinel_master: str = "mymaster"
+    """Name of the monitored master when `broker_url`/`result_backend` are `sentinel://` URLs."""
 
     task_time_limit: int = 300
     """Hard time limit of a task, seconds (the original guide's default)."""
@@ -141,6 +159,13 @@ class Settings:
     netns: str = ""
     """Network namespace (`ip netns` name) holding the bridge, taps, NAT and VMMs; empty: the host's."""
 
+    # beat tasks: what they touch comes from here, never from the message
+    orphan_min_age_seconds: float = 300.0
+    """`cleanup_old_vms` removes a state directory, VMM process or tap with no MicroVM assigned to
+    this node only once it is this old, so nothing a task is creating right now is mistaken for one."""
+    report_namespace: str = ""
+    """Namespace of `generate_report`'s ConfigMap; empty: the worker's own (POD_NAMESPACE), else `mikrom`."""
+
     # worker: the VMMs' host cgroups (worker/hostcgroup.py)
     host_cgroup_root: str = "/sys/fs/cgroup"
     """The host's cgroup mount as the worker sees it (in the pod: a hostPath of the host's
@@ -170,16 +195,83 @@ class Settings:
 
     @property
     def broker(self) -> str:
+        """The broker URL with its password: for Celery and Redis clients only, never to print."""
         return _with_password(self.broker_url, self.redis_password)
 
     @property
     def backend(self) -> str:
+        """The result backend URL with its password (as `broker`)."""
         return _with_password(self.result_backend or self.broker_url, self.redis_password)
+
+    def __repr__(self) -> str:
+        """Every field, with passwords masked: settings end up in logs and tracebacks."""
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            secret = f.metadata.get("secret")
+            if secret == "url":
+                value = masked_url(value)
+            elif secret and value:
+                value = MASK
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    __str__ = __repr__
+
+
+# ---------------------------------------------------------------------- broker URLs and passwords
+
+MASK = "********"
 
 
 def _with_password(url: str, password: str) -> str:
-    if not password or "@" in url.split("//", 1)[-1].split("/", 1)[0]:
+    """`url` (or each of a `;`-joined list) with `password` added where it carries none."""
+    if not password:
+        return url
+    return ";".join(_one_with_password(part, password) for part in url.split(";"))
+
+
+def _one_with_password(url: str, password: str) -> str:
+    if "//" not in url or "@" in url.split("//", 1)[-1].split("/", 1)[0]:
         return url
     scheme, rest = url.split("//", 1)
     from urllib.parse import quote
     return f"{scheme}//:{quote(password, safe='')}@{rest}"
+
+
+def masked_url(url: str) -> str:
+    """`url` (or each of a `;`-joined list) with its password replaced by a mask."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    out = []
+    for part in url.split(";"):
+        try:
+            parts = urlsplit(part)
+        except ValueError:
+            out.append(MASK)
+            continue
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:{MASK}@{host}" if ":" in userinfo else f"{MASK}@{host}"
+        query = "&".join(f"{k}={MASK}" if "pass" in k.lower() else f"{k}={v}" if sep else k
+                         for k, sep, v in (item.partition("=") for item in parts.query.split("&") if item))
+        out.append(urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment)))
+    return ";".join(out)
+
+
+def url_password(url: str) -> str:
+    """The password `url` carries (in its user info or a `password` query parameter), or ''."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ""
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo = netloc.rsplit("@", 1)[0]
+        if ":" in userinfo:
+            return unquote(userinfo.split(":", 1)[1])
+    return (parse_qs(parts.query).get("password") or [""])[0]

@@ -149,8 +149,8 @@ def health(ctx) -> dict:
                     "localVMs": len(local_uids(ctx.runtime.vms_dir))}
     problems = []
     try:
-        broker.check(settings.broker, timeout=settings.redis_timeout_seconds)
-        r = broker.client(settings.broker, timeout=settings.redis_timeout_seconds)
+        broker.check(settings.broker, timeout=settings.redis_timeout_seconds, settings=settings)
+        r = broker.client(settings.broker, timeout=settings.redis_timeout_seconds, settings=settings)
         with r:
             report["queueDepth"] = {q: r.llen(q) for q in (names.node_queue(ctx.node), names.DEFAULT_QUEUE)}
     except broker.BrokerUnavailable as exc:
