@@ -2,12 +2,14 @@
 
 VM tasks (`create_vm_task`, `delete_vm_task`, `stop_vm_task`, `start_vm_task`, `restart_vm_task`)
 take exactly the keyword arguments of `mikrom.models.VMRef` and are thin, like web views: unpack
-the reference, forward it if it belongs to another node, take the VM's lock, call the reconciler,
-decide about a retry. They are idempotent "make it so" operations: the intent is only a hint, the
-reconciler acts on the object it re-reads from the API server (docs/protocol.md).
+the reference, drop it unless it names a real MicroVM (worker/messages.py), forward it if it
+belongs to another node, take the VM's lock, call the reconciler, decide about a retry. They are
+idempotent "make it so" operations: the intent is only a hint, the reconciler acts on the object
+it re-reads from the API server (docs/protocol.md).
 
 Beat tasks: `sync_vm_status` and `cleanup_old_vms` are broadcast (each node does its own),
-`health_check` and `generate_report` run on whichever worker takes them.
+`health_check` and `generate_report` run on whichever worker takes them. They take no arguments:
+what they touch comes from the settings, and arguments in a message are ignored with a warning.
 
     from mikrom.worker.tasks import create_vm_task
     create_vm_task.delay(namespace="team-a", name="web-1", uid="…")   # forwarded to the VM's node
@@ -25,7 +27,7 @@ from mikrom import kube, metrics, names
 from mikrom.celery_app import app
 from mikrom.models import VMRef
 
-from . import context, errors, maintenance
+from . import context, errors, maintenance, messages
 from .collector import WorkerCollector
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,9 @@ def _ref(intent: names.Intent, args: tuple, kwargs: dict) -> VMRef:
     return VMRef(**{"intent": intent.value, **kwargs})
 
 
-def _forward_target(ctx, task, ref: VMRef) -> str | None:
-    """The node a message should be forwarded to, or None to handle it here.
+def _forward_target(ctx, task, vm: dict) -> str | None:
+    """The node a message about `vm` (checked to match it) should be forwarded to, or None to
+    handle it here.
 
     Only a message that did not arrive on this node's own queue is looked at (one typed by a person
     lands on the default queue): if its VM is placed on another node it goes to that node's queue.
@@ -54,9 +57,6 @@ def _forward_target(ctx, task, ref: VMRef) -> str | None:
     arrived = (task.request.delivery_info or {}).get("routing_key")
     if arrived == names.node_queue(ctx.node):
         return None
-    vm = kube.get_vm(ref.namespace, ref.name)
-    if vm is None or vm["metadata"]["uid"] != ref.uid:
-        return None  # stale: clean up whatever this node holds for the uid
     node = (vm.get("status") or {}).get("node")
     if not node:
         return ""  # not placed yet: the operator dispatches it once it is
@@ -72,13 +72,21 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
         return {"outcome": "rejected", "error": str(exc)[:500]}
     ctx = context.get()
     try:
-        target = _forward_target(ctx, task, ref)
+        vm = kube.get_vm(ref.namespace, ref.name)
+        why = messages.mismatch(ref.namespace, ref.name, ref.uid, vm, lambda: _recorded(ctx, ref.uid))
+        if why:
+            # a stale or forged message: nothing is done for it, least of all a teardown of the uid
+            log.warning("%s for %s/%s (uid %r) dropped: %s", task.name, ref.namespace, ref.name, ref.uid, why)
+            return {"outcome": f"dropped: {messages.GENERIC}", "uid": ref.uid}
+        target = _forward_target(ctx, task, vm)
         if target == "":
             return {"outcome": "dropped: not placed on a node yet", "uid": ref.uid}
         if target:
             app.send_task(task.name, kwargs=ref.model_dump(mode="json"), queue=names.node_queue(target))
             log.info("%s for %s/%s forwarded to %s", task.name, ref.namespace, ref.name, names.node_queue(target))
             return {"outcome": f"forwarded to {target}", "uid": ref.uid}
+        # the uid is this object's; should the object go while we wait for the lock, it is gone for
+        # good (a uid never returns) and the reconciler may remove what the node holds for it
         outcome = maintenance.reconcile_locked(ctx, ref.namespace, ref.name, ref.uid,
                                                lock_wait_seconds(ctx.settings))
     except Exception as exc:
@@ -89,6 +97,12 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
             raise task.retry(exc=exc, countdown=delay, max_retries=errors.MAX_RETRIES)
         raise
     return {"outcome": outcome, "node": ctx.node, "uid": ref.uid, "intent": ref.intent}
+
+
+def _recorded(ctx, uid: str) -> dict:
+    """What this node recorded for `uid` when it started its VM (namespace, name), or {}."""
+    local = ctx.runtime.local(uid)
+    return local.read_meta() if local.exists() else {}
 
 
 _VM_TASK_OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=errors.MAX_RETRIES)
@@ -126,31 +140,48 @@ def restart_vm_task(self, *args, **kwargs):
 
 # ------------------------------------------------------------------------------------ beat
 
+def _no_arguments(name: str, args: tuple, kwargs: dict) -> None:
+    """Beat tasks act on the settings only: whatever a message adds is ignored, and said so."""
+    if args or kwargs:
+        keys = [str(k)[:40] for k in list(kwargs)[:10]]
+        log.warning("%s takes no arguments: ignored %d positional and %d keyword argument(s) %r from the message; "
+                    "it acts on the settings only", name, len(args), len(kwargs), keys)
+
+
 @app.task(name=names.SYNC_VM_STATUS)
-def sync_vm_status():
+def sync_vm_status(*args, **kwargs):
     """Broadcast: this node reconciles all its VMs (drift, run strategy, Unknown re-reported)."""
+    _no_arguments(names.SYNC_VM_STATUS, args, kwargs)
     return maintenance.sync_node(context.get(), lock_timeout=1.0)
 
 
 @app.task(name=names.CLEANUP_OLD_VMS)
-def cleanup_old_vms(orphan_min_age_seconds: float | None = None):
-    """Broadcast: delete MicroVMs past ttlSecondsAfterFinished; remove this node's orphans."""
-    age = maintenance.ORPHAN_MIN_AGE_SECONDS if orphan_min_age_seconds is None else float(orphan_min_age_seconds)
-    return maintenance.cleanup(context.get(), orphan_min_age=age)
+def cleanup_old_vms(*args, **kwargs):
+    """Broadcast: delete MicroVMs past ttlSecondsAfterFinished; remove this node's orphans older
+    than `MIKROM_ORPHAN_MIN_AGE_SECONDS`."""
+    _no_arguments(names.CLEANUP_OLD_VMS, args, kwargs)
+    ctx = context.get()
+    return maintenance.cleanup(ctx, orphan_min_age=ctx.settings.orphan_min_age_seconds)
 
 
 @app.task(name=names.HEALTH_CHECK)
-def health_check():
+def health_check(*args, **kwargs):
     """Heartbeat age, broker, stuck transitional VMs and queue depths, as seen from this node."""
+    _no_arguments(names.HEALTH_CHECK, args, kwargs)
     return maintenance.health(context.get())
 
 
+def report_namespace(settings) -> str:
+    return settings.report_namespace or os.environ.get("POD_NAMESPACE") or "mikrom"
+
+
 @app.task(name=names.GENERATE_REPORT)
-def generate_report(namespace: str | None = None):
+def generate_report(*args, **kwargs):
     """Fleet summary (VMs per phase and node, failures) into the ConfigMap mikrom-fleet-report of
-    the worker's namespace (POD_NAMESPACE, by default `mikrom`)."""
-    context.get()  # configures the API client
-    ns = namespace or os.environ.get("POD_NAMESPACE") or "mikrom"
+    `MIKROM_REPORT_NAMESPACE`, by default the worker's namespace (POD_NAMESPACE, else `mikrom`)."""
+    _no_arguments(names.GENERATE_REPORT, args, kwargs)
+    ctx = context.get()  # configures the API client
+    ns = report_namespace(ctx.settings)
     report = maintenance.fleet_report(ns)
     metrics.FLEET_VMS.clear()
     for phase, count in report["phases"].items():

@@ -154,7 +154,7 @@ def test_a_vm_deleted_while_its_worker_was_down_is_swept_as_an_orphan_when_the_w
         fleet, make_worker, netns, guest_image_dir, celery_client):
     from mikrom.worker import netdev
 
-    worker = make_worker(netns=netns, image_dir=guest_image_dir)
+    worker = make_worker(netns=netns, image_dir=guest_image_dir, orphan_min_age_seconds=0)
     fleet.node = worker.node
     fleet.create("ghost")
     st = fleet.wait_phase("ghost", "Running", timeout=90, avoid=("Failed",))
@@ -169,7 +169,7 @@ def test_a_vm_deleted_while_its_worker_was_down_is_swept_as_an_orphan_when_the_w
     assert vmm_pids(worker.state_dir, uid) == [st["pid"]] and link_exists(netns, tap)
 
     worker.start()
-    broadcast_until(celery_client, names.CLEANUP_OLD_VMS, {"orphan_min_age_seconds": 0},
+    broadcast_until(celery_client, names.CLEANUP_OLD_VMS, {},
                     lambda: not vmm_pids(worker.state_dir, uid) and not (worker.vms_dir / uid).exists(), 60,
                     "the orphan sweep to stop the VMM and remove its directory", every=2)
     assert vmm_pids(worker.state_dir, uid) == []
