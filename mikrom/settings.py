@@ -159,6 +159,29 @@ class Settings:
     netns: str = ""
     """Network namespace (`ip netns` name) holding the bridge, taps, NAT and VMMs; empty: the host's."""
 
+    # worker: VM network isolation (worker/netpolicy.py)
+    vm_network_isolation: bool = True
+    """Filter what VMs send with nftables: each VM only from its own MAC and IPv4 address (no
+    IPv6), to no address of the node itself, to none of `vm_denied_cidrs`, `cluster_service_cidr`
+    and `cluster_pod_cidr`, and over the bridge only to VMs of its own namespace. False: no filter
+    (every VM of the node on one flat bridge); for development only."""
+    vm_denied_cidrs: str = "169.254.0.0/16"
+    """Comma-separated IPv4 ranges no VM may reach, besides the cluster's Services and Pods.
+    Link-local covers the cloud metadata services (169.254.169.254); add the node's own networks
+    (other hosts, the API server) to keep VMs off them."""
+    cluster_service_cidr: str = "10.96.0.0/12"
+    """The cluster's Service range (kube-apiserver `--service-cluster-ip-range`; kubeadm's default),
+    denied to VMs before and after kube-proxy's DNAT. Empty: not denied."""
+    cluster_pod_cidr: str = "10.244.0.0/16"
+    """The cluster's Pod range (kube-controller-manager `--cluster-cidr`), denied to VMs. Empty:
+    not denied."""
+    vm_allowed_cidrs: str = ""
+    """Comma-separated IPv4 ranges VMs may reach although they lie in a denied range (e.g. one
+    Service address they are meant to use)."""
+    vm_cross_namespace_traffic: bool = False
+    """Let VMs of different namespaces on one node reach each other over the bridge (by default
+    only VMs of the same namespace do)."""
+
     # beat tasks: what they touch comes from here, never from the message
     orphan_min_age_seconds: float = 300.0
     """`cleanup_old_vms` removes a state directory, VMM process or tap with no MicroVM assigned to

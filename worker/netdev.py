@@ -2,9 +2,11 @@
 
 Every function is idempotent ("make it so"): it looks before it changes, so the worker can call it
 again after a crash or a duplicated task. Commands are iproute2 (`ip`) and `iptables` (or `nft`
-when iptables is absent), run with a timeout so a wedged command cannot stall the worker. Every
-function takes an optional `netns`, the name of a network namespace (`ip netns add`) to act inside
-instead of the host's own namespace; tests use it so they never touch the host's interfaces.
+when iptables is absent), run through hostcmd with a timeout so a wedged command cannot stall the
+worker. Every function takes an optional `netns`, the name of a network namespace (`ip netns add`)
+to act inside instead of the host's own namespace; tests use it so they never touch the host's
+interfaces. What a VM may send over its tap is netpolicy's concern; deleting a tap removes its
+policy entries too.
 
 Names and MAC addresses are derived from the VM's uid, so a worker that restarts computes the same
 tap and MAC for a VM without having stored them anywhere.
@@ -17,7 +19,10 @@ import ipaddress
 import json
 import re
 import shutil
-import subprocess
+
+from . import netpolicy
+from .hostcmd import NetdevError
+from .hostcmd import run as _run
 
 TAP_PREFIX = "mk"
 """Every tap created for a VM starts with this, which lets an orphan sweep recognise ours."""
@@ -26,15 +31,6 @@ TAP_NAME = re.compile(rf"^{TAP_PREFIX}[0-9a-f]{{12}}$")
 
 NAT_COMMENT = "mikrom-nat"
 """Comment on every NAT/forward rule, so checks and cleanups find exactly our rules."""
-
-COMMAND_TIMEOUT = 10.0
-"""Seconds any one `ip`/`iptables`/`nft` call may take."""
-
-
-class NetdevError(RuntimeError):
-    """A host networking command failed; what should happen next is a retry of the task."""
-
-    reason = "NetworkSetupFailed"
 
 
 def tap_name_for_uid(uid: str) -> str:
@@ -61,22 +57,6 @@ def kernel_ip_arg(ip: str, gateway: str, prefixlen: int, device: str = "eth0", h
     if gw not in net:
         raise ValueError(f"gateway {gw} is outside {net}")
     return f"ip={client}::{gw}:{net.netmask}:{hostname}:{device}:off"
-
-
-def _run(cmd: list[str], netns: str | None = None, check: bool = True, timeout: float = COMMAND_TIMEOUT,
-         ) -> subprocess.CompletedProcess:
-    if netns:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                             check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise NetdevError(f"{' '.join(cmd)} timed out after {timeout}s") from exc
-    except FileNotFoundError as exc:
-        raise NetdevError(f"{cmd[0]} not found: {exc}") from exc
-    if check and res.returncode != 0:
-        raise NetdevError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
-    return res
 
 
 def _link(name: str, netns: str | None) -> dict | None:
@@ -113,6 +93,12 @@ def ensure_tap(tap: str, bridge: str, netns: str | None = None, user: int | None
     if len(tap) > 15:
         raise ValueError(f"tap name {tap!r} is longer than 15 characters")
     link = _link(tap, netns)
+    owner = (link or {}).get("linkinfo", {}).get("info_data", {}).get("user")
+    if link is not None and user is not None and owner != user:
+        # left by an earlier start under another uid: that VMM could not open it (it is not running,
+        # or it would not be asking for its tap)
+        _run(["ip", "link", "del", "dev", tap], netns)
+        link = None
     if link is None:
         cmd = ["ip", "tuntap", "add", "dev", tap, "mode", "tap"]
         if user is not None:
@@ -125,7 +111,9 @@ def ensure_tap(tap: str, bridge: str, netns: str | None = None, user: int | None
 
 
 def delete_tap(tap: str, netns: str | None = None) -> None:
-    """Remove the tap; a tap that is already gone is fine."""
+    """Remove the tap and its entries in the VM network policy; either already gone is fine. The
+    entries go first: a tap left without them drops everything its VM sends."""
+    netpolicy.remove_vm(tap, netns)
     if link_exists(tap, netns):
         res = _run(["ip", "link", "del", "dev", tap], netns, check=False)
         if res.returncode != 0 and link_exists(tap, netns):
