@@ -127,12 +127,23 @@ class Settings:
     firecracker_binary: str = "firecracker"
     """Firecracker executable (name on PATH or absolute path)."""
     jailer_binary: str = ""
-    """Firecracker's `jailer`; when set, every Firecracker VMM runs jailed (chroot, the uid/gid
-    below, its own cgroup v2). Empty: Firecracker runs unjailed as the worker's user."""
-    jailer_uid: int = 10000
-    """Unprivileged uid a jailed Firecracker runs as; it owns the VM's tap and rootfs copy."""
-    jailer_gid: int = 10000
-    """Unprivileged gid a jailed Firecracker runs as."""
+    """Firecracker's `jailer`; when set, every Firecracker VMM runs jailed (chroot, its VM's own
+    uid/gid from `vm_uid_range_*`, its own cgroup v2). Empty: Firecracker runs unjailed as the
+    worker's user."""
+    # worker: the VMM sandbox (worker/vmm/sandbox.py)
+    vm_uid_range_start: int = 200000
+    """First uid (and gid) of the range VMMs run as: each VM on the node gets one of its own,
+    recorded in its state directory and kept until the VM is deleted. Keep the range clear of
+    host accounts and of container user-namespace ranges (/etc/subuid)."""
+    vm_uid_range_size: int = 65536
+    """Size of that range: the most VMs a node can hold."""
+    vmm_seccomp: bool = True
+    """QEMU runs with `-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
+    resourcecontrol=deny` (a seccomp filter). Off only for a QEMU built without seccomp."""
+    vmm_unprivileged: bool = True
+    """QEMU runs as its VM's own uid/gid, handed its files, tap and control socket as descriptors.
+    Under KVM, /dev/kvm must then be usable by a group (mode 0660, e.g. `kvm`). Off: QEMU runs as
+    root (a guest that escapes QEMU owns the node)."""
     jailer_chroot_base: str = "/srv/jailer"
     """Jails live in <jailer_chroot_base>/firecracker/<VM uid>/root."""
     jailer_cgroup_limits: bool = True

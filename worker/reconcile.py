@@ -174,7 +174,7 @@ class Reconciler:
                 address = self.runtime.allocate_address(local, cidr, (vm.get("status") or {}).get("ipAddress"))
             except ipalloc.BlockExhausted as exc:
                 return self._fail(vm, local, exc.reason, str(exc))
-            self.runtime.ensure_network(cidr, address, tap_owner=self.runtime.tap_owner(vmm_name))
+            self.runtime.ensure_network(cidr, address, tap_owner=self.runtime.tap_owner(vmm_name, local))
         try:
             vmspec = self.runtime.build_spec(local, vm, imgs, address)
             pid = self.runtime.launch(local, vmspec, vmm_name)

@@ -75,8 +75,8 @@ class Runtime:
         s = self.settings
         firecracker: dict = {"binary": s.firecracker_binary}
         if s.jailer_binary:
-            firecracker["jailer"] = {"binary": s.jailer_binary, "uid": s.jailer_uid, "gid": s.jailer_gid,
-                                     "chroot_base": s.jailer_chroot_base, "cgroup_limits": s.jailer_cgroup_limits}
+            firecracker["jailer"] = {"binary": s.jailer_binary, "chroot_base": s.jailer_chroot_base,
+                                     "cgroup_limits": s.jailer_cgroup_limits}
         host_cgroup = None
         if s.host_cgroup_parent:
             host_cgroup = {"root": s.host_cgroup_root, "parent": s.host_cgroup_parent,
@@ -84,9 +84,21 @@ class Runtime:
         return {"qemu": {"binary": s.qemu_binary, "host_cgroup": host_cgroup},
                 "firecracker": {**firecracker, "host_cgroup": host_cgroup}}
 
-    def tap_owner(self, vmm_name: str) -> int | None:
-        """The uid a VMM opens its tap as, when that is not root (a jailed Firecracker)."""
-        return self.settings.jailer_uid if vmm_name == "firecracker" and self.settings.jailer_binary else None
+    def sandbox_config(self) -> vmm.SandboxConfig:
+        """How VMMs are confined (worker/vmm/sandbox.py); saved with every VM as well."""
+        s = self.settings
+        return vmm.SandboxConfig(uid_start=s.vm_uid_range_start, uid_count=s.vm_uid_range_size,
+                                 seccomp=s.vmm_seccomp, unprivileged=s.vmm_unprivileged)
+
+    def tap_owner(self, vmm_name: str, local: LocalVM) -> int | None:
+        """The uid a VMM opens its tap as, when that is not root: a jailed Firecracker, as its
+        VM's own uid (claimed here, before the tap exists). QEMU gets its tap as a descriptor."""
+        if vmm_name != "firecracker" or not self.settings.jailer_binary:
+            return None
+        try:
+            return vmm.claim_ids(local.dir, self.sandbox_config()).uid
+        except vmm.SandboxUnavailable as exc:
+            raise vmm.VMMStartFailed(str(exc)) from exc
 
     def available_vmms(self) -> list[str]:
         if self._available is None:
@@ -103,7 +115,7 @@ class Runtime:
             raise VMMUnavailable(f"spec.vmm: {name} cannot run on this node (available: "
                                  f"{', '.join(self.available_vmms()) or 'none'})")
         return vmm.get_driver(name, console_max_bytes=self.settings.console_max_bytes,
-                              **self.driver_configs()[name])
+                              sandbox=self.sandbox_config(), **self.driver_configs()[name])
 
     # ------------------------------------------------------------------------------ images
 

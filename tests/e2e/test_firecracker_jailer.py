@@ -21,10 +21,11 @@ from mikrom.settings import Settings
 from mikrom.worker import vmm
 from mikrom.worker.locks import NodeLocks
 from mikrom.worker.runtime import Runtime
-from mikrom.worker.vmm import FirecrackerDriver, JailerConfig, VMSpec, running_pid
+from mikrom.worker.vmm import FirecrackerDriver, JailerConfig, VMIds, VMSpec, running_pid
+from mikrom.worker.vmm.sandbox import recorded_ids
 
 STANDIN = Path(__file__).resolve().parents[1] / "data" / "firecracker" / "standin_jailer.py"
-JAIL_UID = JAIL_GID = 64123
+JAIL_RANGE = {"uid_start": 64100, "uid_count": 100}
 UID = "5f0c2d7e-1b2a-4c3d-9e8f-a0b1c2d3e4f5"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jailer (and its stand-in) needs root")
@@ -52,14 +53,21 @@ def make_files(tmp_path: Path, kernel_mode: int = 0o644) -> VMSpec:
     state.mkdir(parents=True)
     rootfs = state / "rootfs.ext4"
     rootfs.write_bytes(b"\0" * 4096)
-    rootfs.chmod(0o644)  # the jail makes it 0600 and the jail uid's
+    rootfs.chmod(0o644)  # the jail makes it 0600 and the VM uid's
     return VMSpec(uid=UID, name="jailed", vcpus=2, memory_mib=128, kernel=str(kernel), initrd=str(initrd),
                   rootfs=str(rootfs), kernel_args="console=ttyS0", state_dir=state)
 
 
 def driver_for(tmp_path: Path, jailer: Path) -> FirecrackerDriver:
-    return FirecrackerDriver(jailer=JailerConfig(uid=JAIL_UID, gid=JAIL_GID, binary=str(jailer),
-                                                 chroot_base=str(tmp_path / "srv")))
+    return FirecrackerDriver(jailer=JailerConfig(binary=str(jailer), chroot_base=str(tmp_path / "srv")),
+                             sandbox=JAIL_RANGE)
+
+
+def jail_ids(spec: VMSpec) -> VMIds:
+    """The VM's uid/gid, as recorded in its state directory when it started."""
+    ids = recorded_ids(spec.state_dir)
+    assert ids and 64100 <= ids.uid < 64200 and ids.gid == ids.uid
+    return ids
 
 
 def proc_ids(pid: int) -> tuple[int, int]:
@@ -76,19 +84,20 @@ def test_a_jailed_vm_starts_unprivileged_with_chroot_paths_and_leaves_nothing_be
         assert driver.wait_ready(spec, timeout=20) < 20
         jail = tmp_path / "srv" / "firecracker" / UID
         root = jail / "root"
-        assert proc_ids(pid) == (JAIL_UID, JAIL_GID), "the VMM runs as the jail's uid:gid"
+        ids = jail_ids(spec)
+        assert proc_ids(pid) == (ids.uid, ids.gid), "the VMM runs as the VM's own uid:gid"
         assert driver.api_socket(spec) == root / "run" / "firecracker.socket"
         assert stat.S_ISSOCK(os.stat(driver.api_socket(spec)).st_mode)
 
         # The shared kernel is hard-linked, not chowned in place; the VM's rootfs belongs to the jail.
-        assert os.stat(root / "vmlinux").st_ino == kernel_stat.st_ino
+        assert os.stat(root / "kernel").st_ino == kernel_stat.st_ino
         assert (os.stat(spec.kernel).st_uid, os.stat(spec.kernel).st_mode) == (kernel_stat.st_uid, kernel_stat.st_mode)
-        assert os.stat(root / "rootfs.ext4").st_ino == os.stat(spec.rootfs).st_ino
-        assert os.stat(spec.rootfs).st_uid == JAIL_UID and stat.S_IMODE(os.stat(spec.rootfs).st_mode) == 0o600
+        assert os.stat(root / "rootfs").st_ino == os.stat(spec.rootfs).st_ino
+        assert os.stat(spec.rootfs).st_uid == ids.uid and stat.S_IMODE(os.stat(spec.rootfs).st_mode) == 0o600
 
         record = json.loads((jail / "standin.json").read_text())
         argv = record["argv"]
-        assert argv[argv.index("--uid") + 1] == str(JAIL_UID)
+        assert (argv[argv.index("--uid") + 1], argv[argv.index("--gid") + 1]) == (str(ids.uid), str(ids.gid))
         assert argv[argv.index("--cgroup-version") + 1] == "2"
         assert record["cgroup"] == ["cpu.max=200000 100000", f"memory.max={(128 + 64) << 20}"]
         api = load_api()
@@ -98,7 +107,7 @@ def test_a_jailed_vm_starts_unprivileged_with_chroot_paths_and_leaves_nothing_be
             paths.append(req["path"])
         assert paths == ["/boot-source", "/machine-config", "/drives/rootfs", "/actions"]
         boot = record["requests"][0]["body"]
-        assert (boot["kernel_image_path"], boot["initrd_path"]) == ("/vmlinux", "/initrd.img")
+        assert (boot["kernel_image_path"], boot["initrd_path"]) == ("/kernel", "/initrd")
         assert driver.start(spec) == pid, "starting a running VM returns the running one"
     finally:
         driver.stop(spec.state_dir, timeout=5)
@@ -115,9 +124,11 @@ def test_a_kernel_only_root_can_read_is_copied_into_the_jail_for_the_vmm(tmp_pat
     driver.start(spec)
     try:
         assert driver.wait_ready(spec, timeout=20) < 20
-        jailed_kernel = tmp_path / "srv" / "firecracker" / UID / "root" / "vmlinux"
+        jailed_kernel = tmp_path / "srv" / "firecracker" / UID / "root" / "kernel"
         assert os.stat(jailed_kernel).st_ino != os.stat(spec.kernel).st_ino
-        assert os.stat(jailed_kernel).st_uid == JAIL_UID
+        # readable by the VM's group alone, and nobody's to change
+        jailed = os.stat(jailed_kernel)
+        assert (jailed.st_uid, jailed.st_gid, stat.S_IMODE(jailed.st_mode)) == (0, jail_ids(spec).gid, 0o440)
         assert os.stat(spec.kernel).st_uid == 0 and stat.S_IMODE(os.stat(spec.kernel).st_mode) == 0o600
     finally:
         driver.stop(spec.state_dir, timeout=5)
@@ -133,7 +144,7 @@ def test_a_file_the_jailed_vmm_cannot_open_fails_the_start_with_firecrackers_mes
         os.chown(s.rootfs, 0, 0)
 
     driver._populate_jail = populate_then_take_the_rootfs_back
-    with pytest.raises(vmm.VMMStartFailed, match=r"/drives/rootfs answered 400: .*Cannot open /rootfs.ext4"):
+    with pytest.raises(vmm.VMMStartFailed, match=r"/drives/rootfs answered 400: .*Cannot open /rootfs"):
         driver.start(spec)
     assert running_pid(spec.state_dir) is None
     driver.stop(spec.state_dir, timeout=5)
@@ -142,16 +153,19 @@ def test_a_file_the_jailed_vmm_cannot_open_fails_the_start_with_firecrackers_mes
 def test_the_worker_settings_switch_the_jailer_on_for_firecracker_only(tmp_path, jailer):
     off = Runtime(Settings(state_dir=str(tmp_path)), NodeLocks(tmp_path / "locks"))
     assert "jailer" not in off.driver_configs()["firecracker"]
-    assert off.tap_owner("firecracker") is None
+    assert off.tap_owner("firecracker", off.local(UID)) is None
 
-    on = Runtime(Settings(state_dir=str(tmp_path), jailer_binary=str(jailer), jailer_uid=JAIL_UID,
-                          jailer_gid=JAIL_GID, jailer_chroot_base=str(tmp_path / "srv"),
+    on = Runtime(Settings(state_dir=str(tmp_path), jailer_binary=str(jailer), vm_uid_range_start=64100,
+                          vm_uid_range_size=100, jailer_chroot_base=str(tmp_path / "srv"),
                           firecracker_binary="/opt/fc/firecracker"), NodeLocks(tmp_path / "locks"))
-    assert on.tap_owner("firecracker") == JAIL_UID
-    assert on.tap_owner("qemu") is None
-    driver = vmm.get_driver("firecracker", **on.driver_configs()["firecracker"])
     spec = make_files(tmp_path)
+    # The tap is made before the VMM starts, for the uid the VM's jail will have.
+    owner = on.tap_owner("firecracker", on.local(UID))
+    assert owner == jail_ids(spec).uid
+    assert on.tap_owner("qemu", on.local(UID)) is None
+    driver = vmm.get_driver("firecracker", sandbox=on.sandbox_config(), **on.driver_configs()["firecracker"])
     argv = driver.command(spec)
+    assert argv[argv.index("--uid") + 1] == str(owner)
     assert argv[0] == str(jailer)
     assert argv[argv.index("--exec-file") + 1] == "/opt/fc/firecracker"
     assert argv[argv.index("--chroot-base-dir") + 1] == str(tmp_path / "srv")

@@ -157,13 +157,13 @@ def test_the_client_times_out_instead_of_hanging_on_a_silent_socket(tmp_path):
 def test_jailed_requests_use_paths_inside_the_chroot(api, tmp_path):
     from mikrom.worker.vmm import JailerConfig
 
-    driver = FirecrackerDriver(jailer=JailerConfig(uid=1000, gid=1000, chroot_base=str(tmp_path / "jail")))
+    driver = FirecrackerDriver(jailer=JailerConfig(chroot_base=str(tmp_path / "jail")))
     spec = full_spec(tmp_path)
     jailed = build_requests(driver._jailed_spec(spec))
     by_path = {path: body for _, path, body in jailed}
-    assert by_path["/boot-source"]["kernel_image_path"] == "/vmlinux"
-    assert by_path["/boot-source"]["initrd_path"] == "/initrd.img"
-    assert by_path["/drives/rootfs"]["path_on_host"] == "/rootfs.img"
+    assert by_path["/boot-source"]["kernel_image_path"] == "/kernel"
+    assert by_path["/boot-source"]["initrd_path"] == "/initrd"
+    assert by_path["/drives/rootfs"]["path_on_host"] == "/rootfs"
     for method, path, body in jailed:
         validate_request(api, method, path, body)
     argv = driver.command(spec)

@@ -141,7 +141,7 @@ def _spec(tmp_path: Path) -> VMSpec:
 
 def test_a_jailed_firecracker_is_placed_in_the_vms_host_group_with_the_hosts_version(tmp_path):
     root = _fake_hybrid_root(tmp_path / "cgroup")
-    driver = FirecrackerDriver(jailer=JailerConfig(uid=1000, gid=1000, chroot_base=str(tmp_path / "jail")),
+    driver = FirecrackerDriver(jailer=JailerConfig(chroot_base=str(tmp_path / "jail")),
                                host_cgroup={"root": str(root), "parent": "mikrom", "memory_overhead_mib": 64})
     argv = driver.command(_spec(tmp_path))
     assert argv[argv.index("--cgroup-version") + 1] == "1"
@@ -151,7 +151,7 @@ def test_a_jailed_firecracker_is_placed_in_the_vms_host_group_with_the_hosts_ver
 
     (tmp_path / "v2").mkdir()
     (tmp_path / "v2" / "cgroup.controllers").write_text("cpu memory\n")
-    driver = FirecrackerDriver(jailer=JailerConfig(uid=1000, gid=1000, chroot_base=str(tmp_path / "jail")),
+    driver = FirecrackerDriver(jailer=JailerConfig(chroot_base=str(tmp_path / "jail")),
                                host_cgroup={"root": str(tmp_path / "v2"), "parent": "mikrom"})
     argv = driver.command(_spec(tmp_path))
     assert argv[argv.index("--cgroup-version") + 1] == "2"

@@ -29,6 +29,7 @@ from .base import (
 )
 from .firecracker import FirecrackerDriver, JailerConfig, build_requests
 from .qemu import QemuDriver, kvm_usable
+from .sandbox import SandboxConfig, SandboxUnavailable, VMIds, claim_ids
 
 DRIVERS: dict[str, type[Driver]] = {"qemu": QemuDriver, "firecracker": FirecrackerDriver}
 
@@ -68,7 +69,8 @@ def restart_from_saved(state_dir: str | os.PathLike) -> int:
 
 __all__ = [
     "READY_MARKER", "BootTimeout", "Driver", "FirecrackerDriver", "JailerConfig", "QemuDriver",
-    "StopFailed", "VMMError", "VMMExited", "VMMStartFailed", "VMSpec", "available_drivers",
-    "build_requests", "console_tail", "driver_for_state", "get_driver", "kvm_status", "kvm_usable",
-    "load_saved", "restart_from_saved", "running_pid", "spec_from_state",
+    "SandboxConfig", "SandboxUnavailable", "StopFailed", "VMIds", "VMMError", "VMMExited", "VMMStartFailed",
+    "VMSpec", "available_drivers", "build_requests", "claim_ids", "console_tail", "driver_for_state",
+    "get_driver", "kvm_status", "kvm_usable", "load_saved", "restart_from_saved", "running_pid",
+    "spec_from_state",
 ]

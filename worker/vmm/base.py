@@ -9,10 +9,13 @@ stop or start it again without the worker's memory:
   run.json     pids and start time, written by the supervisor (see consolecap.py)
   ready        when the guest printed the ready marker
   exit.json    the VMM's exit status, once it exited
+  sandbox.json the uid/gid the VM's VMM runs as (sandbox.py), kept for every later start
   console.log  the serial console (with console.log.1, capped at `console_max_bytes` together)
 
 Drivers subclass `Driver` and provide `command()` (the VMM's argv), `available()`, and optionally
-`_configure()` (after launch, e.g. Firecracker's API calls) and `_graceful_stop()`.
+`launch_plan()` (descriptors and the uid the supervisor hands the VMM), `_configure()` (after
+launch, e.g. Firecracker's API calls) and `_graceful_stop()`. `launch_detached()` is the one place
+that starts a supervisor.
 
 Every wait here polls with a short `time.sleep` and a deadline, so under gevent's monkey-patching
 nothing blocks the hub for long.
@@ -34,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import hostcgroup
-from . import consolecap
+from . import consolecap, sandbox
+from .sandbox import SandboxConfig, VMIds
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ READY_MARKER = "MIKROM-READY"
 
 POLL_INTERVAL = 0.05
 LAUNCH_TIMEOUT = 30.0
+FIRST_PASSED_FD = 100
+"""Descriptors handed to a VMM are numbered from here, clear of the supervisor's own."""
 
 
 class VMMError(Exception):
@@ -111,6 +117,56 @@ class VMSpec:
     def from_dict(cls, data: dict) -> VMSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class LaunchPlan:
+    """How the supervisor starts one VMM: its argv, the network namespace it enters first, the
+    descriptors it opens as root and hands over, and the uid/gid it drops to (None: root)."""
+
+    argv: list[str]
+    netns: str | None = None
+    fds: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+    """(descriptor number in the VMM, kind, argument): `read` or `rdwr` a file, `tap` attach the
+    named tap, `listen` a unix socket bound at the path (see consolecap.open_passed_fd)."""
+    run_as: VMIds | None = None
+    groups: list[int] = dataclasses.field(default_factory=list)
+    """The VMM's only supplementary groups when it runs as `run_as`."""
+
+    def pass_fd(self, kind: str, arg: str) -> int:
+        """Hand the VMM a descriptor opened by the supervisor; returns its number in the VMM."""
+        number = FIRST_PASSED_FD + len(self.fds)
+        self.fds.append((number, kind, str(arg)))
+        return number
+
+    def supervisor_args(self) -> list[str]:
+        args = ["--netns", self.netns] if self.netns else []
+        if self.run_as:
+            args += ["--run-as", f"{self.run_as.uid}:{self.run_as.gid}", "--groups", ",".join(map(str, self.groups))]
+        for number, kind, arg in self.fds:
+            args += ["--fd", f"{number}={kind}:{arg}"]
+        return args
+
+
+def launch_detached(plan: LaunchPlan, state: Path, supervisor_args: list[str]) -> int:
+    """Start the supervisor (consolecap.py) that starts the VMM of `plan`, detached from the
+    caller, with a clean environment (nothing of the worker's: it holds credentials); return the
+    VMM's pid once it runs. `supervisor_args` are further supervisor options (console, cgroup)."""
+    launcher = [sys.executable, "-I", consolecap.__file__, "--state-dir", str(state), *supervisor_args,
+                *plan.supervisor_args(), "--", *plan.argv]
+    try:
+        res = subprocess.run(launcher, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=LAUNCH_TIMEOUT, start_new_session=True, cwd=state,
+                             env=sandbox.vmm_environment())
+    except subprocess.TimeoutExpired as exc:
+        raise VMMStartFailed(f"launching {plan.argv[0]} took longer than {LAUNCH_TIMEOUT}s") from exc
+    try:
+        report = json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        report = {"error": f"launcher exited {res.returncode}: {res.stderr.strip()[-2000:]}"}
+    if "pid" not in report:
+        raise VMMStartFailed(report.get("error", "unknown launch failure"))
+    return int(report["pid"])
 
 
 def merge_kernel_args(defaults: list[str], user: str) -> str:
@@ -234,9 +290,11 @@ class Driver:
     name = "base"
 
     def __init__(self, console_max_bytes: int = 1 << 20, ready_marker: str = READY_MARKER,
-                 host_cgroup: dict | None = None):
+                 host_cgroup: dict | None = None, sandbox: SandboxConfig | dict | None = None):
         self.console_max_bytes = int(console_max_bytes)
         self.ready_marker = ready_marker
+        # the VMM's uid range and confinement (sandbox.py)
+        self.sandbox = SandboxConfig.from_dict(sandbox)
         # the VMM's own cgroup under the host's root (hostcgroup.py); None: the worker's cgroup
         self.host_cgroup = hostcgroup.HostCgroupConfig.from_dict(host_cgroup)
 
@@ -248,10 +306,20 @@ class Driver:
         """The VMM's argv; must contain the state dir or the uid (see running_pid)."""
         raise NotImplementedError
 
+    def launch_plan(self, spec: VMSpec) -> LaunchPlan:
+        """How the supervisor starts the VMM; by default `command()` as root in the VM's netns."""
+        return LaunchPlan(argv=self.command(spec), netns=spec.netns)
+
+    def vm_ids(self, state_dir: str | os.PathLike) -> VMIds | None:
+        """The uid/gid this VM's VMM runs as (claimed on first use, recorded in its state dir);
+        None when the VMM runs as root."""
+        return None
+
     def config(self) -> dict:
         """Driver settings saved in vm.json so a restart uses the same ones."""
         return {"console_max_bytes": self.console_max_bytes, "ready_marker": self.ready_marker,
-                "host_cgroup": self.host_cgroup.to_dict() if self.host_cgroup else None}
+                "host_cgroup": self.host_cgroup.to_dict() if self.host_cgroup else None,
+                "sandbox": self.sandbox.to_dict()}
 
     def _prepare(self, spec: VMSpec) -> None:
         """Before launch: remove stale sockets and the like."""
@@ -278,34 +346,27 @@ class Driver:
         for path, what in ((spec.kernel, "kernel"), (spec.initrd, "initrd"), (spec.rootfs, "rootfs")):
             if path and not os.path.isfile(path):
                 raise VMMStartFailed(f"{what} {path} does not exist")
+        if spec.rootfs and Path(spec.rootfs).resolve().parent != state:
+            # The VMM writes its disk (and a jail hands it to the VM's uid): never a shared image.
+            raise VMMStartFailed(f"rootfs {spec.rootfs} is not the VM's own copy in {state}")
         state.mkdir(parents=True, exist_ok=True)
         write_atomic(state / "vm.json", json.dumps(
             {"driver": self.name, "driver_config": self.config(), "spec": spec.to_dict()}, indent=2))
         for stale in ("pid", "run.json", "ready", "exit.json"):
             (state / stale).unlink(missing_ok=True)
-        self._prepare(spec)
-        argv = self.command(spec)
+        try:
+            self._prepare(spec)
+            plan = self.launch_plan(spec)
+        except sandbox.SandboxUnavailable as exc:
+            raise VMMStartFailed(str(exc)) from exc
         try:
             # The supervisor joins the VM's host cgroup before it starts the VMM.
             cgroup_args = hostcgroup.supervisor_args(self.host_cgroup, spec.uid, spec.vcpus, spec.memory_mib) \
                 if self.host_cgroup else []
         except hostcgroup.HostCgroupError as exc:
             raise VMMStartFailed(str(exc)) from exc
-        launcher = [sys.executable, "-I", consolecap.__file__, "--state-dir", str(state),
-                    "--max-bytes", str(self.console_max_bytes), "--ready-marker", self.ready_marker,
-                    *cgroup_args, "--", *argv]
-        try:
-            res = subprocess.run(launcher, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                 timeout=LAUNCH_TIMEOUT, start_new_session=True, cwd=state)
-        except subprocess.TimeoutExpired as exc:
-            raise VMMStartFailed(f"launching {argv[0]} took longer than {LAUNCH_TIMEOUT}s") from exc
-        try:
-            report = json.loads(res.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            report = {"error": f"launcher exited {res.returncode}: {res.stderr.strip()[-2000:]}"}
-        if "pid" not in report:
-            raise VMMStartFailed(report.get("error", "unknown launch failure"))
-        pid = int(report["pid"])
+        pid = launch_detached(plan, state, ["--max-bytes", str(self.console_max_bytes),
+                                            "--ready-marker", self.ready_marker, *cgroup_args])
         try:
             self._configure(spec, pid)
         except BaseException as exc:

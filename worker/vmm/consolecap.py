@@ -19,21 +19,35 @@ rotates it to `console.log.1` whenever it reaches half the cap, so both together
   ready       the time the ready marker first appeared on the console
   exit.json   the VMM's exit status, once it has exited
 
+Before it starts the VMM, the supervisor may join the VM's network namespace (`--netns`), open
+files, taps and the control socket as root and hand them to the VMM as descriptors (`--fd`), so
+that the VMM itself can drop to the VM's own uid and gid (`--run-as`, `--groups`) and needs no
+right to any path. The VMM gets only PATH and LANG of the supervisor's environment.
+
 Standard library only, and run with `python -I`, so it works whatever the worker's import path.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
 import traceback
 
 READ_SIZE = 64 * 1024
+CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+VMM_ENV = ("PATH", "LANG")
+"""The only variables the VMM gets (the launcher already gives the supervisor no more)."""
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -101,6 +115,82 @@ def enter_cgroup(procs: list[str], cgroupns: str | None) -> None:
             f.write(str(os.getpid()))
 
 
+def enter_netns(name: str) -> None:
+    """Join the network namespace `name` (an `ip netns` name), as `ip netns exec` would, so that
+    taps open and the VMM runs there."""
+    fd = os.open(name if name.startswith("/") else f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if hasattr(os, "setns"):
+            os.setns(fd, CLONE_NEWNET)
+        else:  # Python < 3.12
+            import ctypes
+
+            if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), name)
+    finally:
+        os.close(fd)
+
+
+def open_passed_fd(kind: str, arg: str) -> int:
+    """Open, as root, what the VMM gets as a descriptor instead of opening it itself after it
+    dropped its privileges (it has no right to the state directory, /dev/net/tun or the tap)."""
+    if kind in ("read", "rdwr"):
+        return os.open(arg, (os.O_RDONLY if kind == "read" else os.O_RDWR) | os.O_CLOEXEC | os.O_NOFOLLOW)
+    if kind == "tap":
+        # TUNSETIFF would create a missing tap, one on no bridge: it must exist already.
+        socket.if_nametoindex(arg)
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", arg.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+    if kind == "listen":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.lexists(arg):
+                os.unlink(arg)
+            sock.bind(arg)
+            os.chmod(arg, 0o600)  # only root (the worker) talks to the VMM's control socket
+            sock.listen(8)
+        except OSError:
+            sock.close()
+            raise
+        return sock.detach()
+    raise ValueError(f"unknown descriptor kind {kind!r}")
+
+
+def place_passed_fds(specs: list[str]) -> list[int]:
+    """Open every `N=KIND:ARG` and move it to descriptor N; the numbers, for pass_fds."""
+    opened = []
+    for item in specs:
+        number, _, rest = item.partition("=")
+        kind, _, arg = rest.partition(":")
+        try:
+            fd = open_passed_fd(kind, arg)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot open {kind} {arg} for the VMM: {exc.strerror or exc}") from None
+        target = int(number)
+        if target != fd:
+            if _in_use(target):
+                os.close(fd)
+                raise OSError(errno.EBUSY, f"descriptor {target} for {arg} is already in use")
+            os.dup2(fd, target, inheritable=False)
+            os.close(fd)
+        opened.append(target)
+    return opened
+
+
+def _in_use(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
+
+
 def supervise(args: argparse.Namespace, report_fd: int) -> int:
     state = args.state_dir
     log_path = os.path.join(state, "console.log")
@@ -115,16 +205,36 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
         os.write(report_fd, json.dumps({"error": f"cannot join the VM's host cgroup: {exc}"}).encode())
         return 127
 
+    try:
+        if args.netns:
+            try:
+                enter_netns(args.netns)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot enter network namespace {args.netns}: {exc.strerror}") from None
+        passed = place_passed_fds(args.fd)
+    except OSError as exc:
+        os.write(report_fd, json.dumps({"error": exc.strerror or str(exc)}).encode())
+        return 127
+    drop = {}
+    if args.run_as:
+        uid, _, gid = args.run_as.partition(":")
+        # No supplementary group of root's survives: only the listed ones (e.g. /dev/kvm's).
+        drop = {"user": int(uid), "group": int(gid),
+                "extra_groups": [int(g) for g in args.groups.split(",") if g]}
+
     read_fd, write_fd = os.pipe()
     started_mono = time.monotonic()
     started_wall = time.time()
     try:
         vmm = subprocess.Popen(args.argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
-                               close_fds=True, cwd=state)
+                               close_fds=True, pass_fds=passed, cwd=state,
+                               env={k: os.environ[k] for k in VMM_ENV if k in os.environ}, **drop)
     except OSError as exc:
         os.write(report_fd, json.dumps({"error": f"cannot execute {args.argv[0]}: {exc}"}).encode())
         return 127
     os.close(write_fd)
+    for fd in passed:  # the VMM holds them now; a tap or socket must go when the VMM goes
+        os.close(fd)
 
     write_atomic(os.path.join(state, "pid"), f"{vmm.pid}\n")
     run = {"pid": vmm.pid, "supervisor_pid": os.getpid(), "started_at": started_wall,
@@ -165,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cgroup-procs", action="append", default=[],
                         help="a cgroup.procs file the supervisor joins before starting the VMM (repeatable)")
     parser.add_argument("--cgroupns", default=None, help="cgroup namespace to enter before joining")
+    parser.add_argument("--netns", default=None, help="network namespace (`ip netns` name) to run the VMM in")
+    parser.add_argument("--run-as", default=None, metavar="UID:GID", help="start the VMM as this uid and gid")
+    parser.add_argument("--groups", default="", help="the VMM's supplementary groups with --run-as (comma-separated)")
+    parser.add_argument("--fd", action="append", default=[], metavar="N=KIND:ARG",
+                        help="open ARG as root and hand it to the VMM as descriptor N; KIND: read, rdwr, "
+                             "tap (a tap's name) or listen (a unix socket's path) (repeatable)")
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.argv and args.argv[0] == "--":

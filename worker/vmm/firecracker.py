@@ -7,8 +7,12 @@ action (the guest sees Ctrl-Alt-Del on its i8042 and reboots, which ends Firecra
 driver kills after the timeout.
 
 With a `JailerConfig` the VMM runs through Firecracker's `jailer` (chroot, dropped uid/gid,
-cgroup v2): kernel, initrd and rootfs are hard-linked into the chroot and the API sees chroot
-paths. The tap must then be owned by the jail's uid (netdev.ensure_tap(user=...)).
+cgroup v2) as its VM's own uid and gid from the sandbox range (sandbox.py). Each file is named
+inside the chroot by its role (`/kernel`, `/initrd`, `/rootfs`), never by its source's name, so
+no two can collide. Kernel and initrd are shared images: they are never chowned or opened
+writable, only hard-linked or copied read-only into the jail (sandbox.stage_shared); the VM's
+own rootfs copy is the one file handed to the VM's uid. The tap must be owned by that uid
+(netdev.ensure_tap(user=...)). Unjailed, Firecracker runs as root.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import hostcgroup
-from .base import Driver, VMMStartFailed, VMSpec, kvm_status, load_saved, merge_kernel_args
+from . import sandbox
+from .base import Driver, LaunchPlan, VMMStartFailed, VMSpec, kvm_status, load_saved, merge_kernel_args
+from .sandbox import VMIds
 
 API_SOCKET = "fc.sock"
 JAIL_API_SOCKET = "/run/firecracker.socket"
@@ -36,16 +42,14 @@ MEMORY_HEADROOM_MIB = 64  # Firecracker's own memory beside the guest's (documen
 CPU_PERIOD_US = 100_000
 UNIX_PATH_MAX = 108  # sun_path, including its terminating NUL
 _ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # what firecracker --id and jailer --id accept
+JAIL_FILES = ("kernel", "initrd", "rootfs")
+"""The names of the VM's files inside the jail: their roles."""
 
 
 @dataclass
 class JailerConfig:
-    """Run Firecracker through `jailer`."""
+    """Run Firecracker through `jailer`, each VM as its own uid/gid (the driver's sandbox range)."""
 
-    uid: int
-    """Unprivileged uid the VMM runs as."""
-    gid: int
-    """Unprivileged gid the VMM runs as."""
     binary: str = "jailer"
     """The jailer executable."""
     chroot_base: str = "/srv/jailer"
@@ -150,7 +154,11 @@ class FirecrackerDriver(Driver):
                  api_timeout: float = 5.0, **kwargs):
         super().__init__(**kwargs)
         self.binary = binary
-        self.jailer = JailerConfig(**jailer) if isinstance(jailer, dict) else jailer
+        if isinstance(jailer, dict):
+            # vm.json of an older worker may still name one uid/gid for every jail: ignored
+            known = {f.name for f in dataclasses.fields(JailerConfig)}
+            jailer = JailerConfig(**{k: v for k, v in jailer.items() if k in known})
+        self.jailer = jailer
         self.api_timeout = api_timeout
 
     def config(self) -> dict:
@@ -180,17 +188,25 @@ class FirecrackerDriver(Driver):
         return Path(spec.state_dir).resolve() / API_SOCKET
 
     # --- Driver hooks ---------------------------------------------------------------------------
+    def vm_ids(self, state_dir: str | os.PathLike) -> VMIds | None:
+        return sandbox.claim_ids(state_dir, self.sandbox) if self.jailer else None
+
+    def launch_plan(self, spec: VMSpec) -> LaunchPlan:
+        # The jailer joins the namespace itself (--netns), and drops to the VM's uid itself.
+        return LaunchPlan(argv=self.command(spec), netns=None if self.jailer else spec.netns)
+
     def command(self, spec: VMSpec) -> list[str]:
         if not self.jailer:
             argv = [self.binary, "--api-sock", str(self.api_socket(spec))]
             if _ID.match(spec.uid):
                 argv += ["--id", spec.uid]
-            return ["ip", "netns", "exec", spec.netns, *argv] if spec.netns else argv
+            return argv
         if not _ID.match(spec.uid):
             raise VMMStartFailed(f"uid {spec.uid!r} is not a valid jailer id")
         j = self.jailer
+        ids = self.vm_ids(spec.state_dir)
         argv = [j.binary, "--id", spec.uid, "--exec-file", shutil.which(self.binary) or self.binary,
-                "--uid", str(j.uid), "--gid", str(j.gid), "--chroot-base-dir", j.chroot_base,
+                "--uid", str(ids.uid), "--gid", str(ids.gid), "--chroot-base-dir", j.chroot_base,
                 "--cgroup-version", str(j.cgroup_version)]
         if self.host_cgroup:
             # The jailer's cgroup is the VM's host cgroup, <parent>/<uid>, which the supervisor
@@ -215,34 +231,34 @@ class FirecrackerDriver(Driver):
             self._populate_jail(spec)
 
     def _populate_jail(self, spec: VMSpec) -> None:
-        """Put the VM's files in the chroot. The rootfs (the VM's own copy) is hard-linked, so the
-        guest's writes land in the state dir, and handed to the jail's uid. Kernel and initrd are
-        shared images: hard-linked when every user may read them, else copied for the jail alone,
-        never chowned in place."""
+        """Put the VM's files in a fresh chroot, each named by its role. Kernel and initrd are
+        shared images, staged read-only and root's (sandbox.stage_shared). The rootfs is the VM's
+        own copy (base.start checked it lies in the state dir): hard-linked, so the guest's writes
+        land in the state dir, and handed to the VM's uid, the only file that is."""
+        ids = self.vm_ids(spec.state_dir)
         root = self._jail_root(spec)
-        root.mkdir(parents=True, exist_ok=True)
+        # A jail left by a crash belongs to the VM's uid (the jailer chowns it): whatever the VMM
+        # planted there (a symlink where a file goes) must not be followed. No VMM runs now.
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
         # Firecracker, already unprivileged, binds its API socket here.
-        (root / "run").mkdir(exist_ok=True)
-        os.chown(root / "run", self.jailer.uid, self.jailer.gid)
-        for path, writable in ((spec.kernel, False), (spec.initrd, False), (spec.rootfs, True)):
-            if not path:
-                continue
-            dest = root / Path(path).name
-            # a shared image only root may read: the jail gets a copy of its own
-            private = not writable and not os.stat(path).st_mode & 0o004
-            if not dest.exists() and (private or not _hard_link(path, dest)):
-                subprocess.run(["cp", "--reflink=auto", "--sparse=always", path, str(dest)],
+        (root / "run").mkdir()
+        os.chown(root / "run", ids.uid, ids.gid)
+        for role in ("kernel", "initrd"):
+            if getattr(spec, role):
+                sandbox.stage_shared(getattr(spec, role), root / role, ids.gid)
+        if spec.rootfs:
+            dest = root / "rootfs"
+            if not _hard_link(spec.rootfs, dest):
+                subprocess.run(["cp", "--reflink=auto", "--sparse=always", "--", spec.rootfs, str(dest)],
                                check=True, timeout=600, stdin=subprocess.DEVNULL)
-            if writable or private:
-                os.chown(dest, self.jailer.uid, self.jailer.gid)
-            if writable:
-                os.chmod(dest, 0o600)
+            os.chown(dest, ids.uid, ids.gid, follow_symlinks=False)
+            os.chmod(dest, 0o600)
 
     def _jailed_spec(self, spec: VMSpec) -> VMSpec:
-        def inside(path: str | None) -> str | None:
-            return "/" + Path(path).name if path else None
-        return dataclasses.replace(spec, kernel=inside(spec.kernel), initrd=inside(spec.initrd),
-                                   rootfs=inside(spec.rootfs))
+        def inside(role: str) -> str | None:
+            return f"/{role}" if getattr(spec, role) else None
+        return dataclasses.replace(spec, **{role: inside(role) for role in JAIL_FILES})
 
     def _configure(self, spec: VMSpec, pid: int) -> None:
         sock = self.api_socket(spec)

@@ -4,6 +4,14 @@ The guest's serial console goes to QEMU's stdout, which the supervisor (consolec
 the capped console log. A QMP socket in the state dir is the control channel; a graceful stop is
 QMP `system_powerdown` (the ACPI power button), which a guest handles like a real one (systemd
 logind, or acpid in our test image).
+
+Sandbox (sandbox.py): QEMU runs with `-sandbox` (seccomp) and as its VM's own uid/gid, dropped
+by the supervisor before exec (QEMU's own `-runas` would need the set*id calls the filter denies).
+QEMU then opens no path: the supervisor opens, as root, the kernel and initrd (read-only; QEMU
+reads them through /proc/self/fd), the VM's disk (an fd set of a read-write and a read-only
+descriptor), the tap and the bound QMP socket, and hands them over. A kernel or initrd only root
+may read is copied, 0440 root:<the VM's gid>, into the state dir first. The guest name is the
+state dir, which is what ties the process to its VM (running_pid, the orphan sweep).
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import socket
 import time
 from pathlib import Path
 
-from .base import Driver, VMMError, VMSpec, kvm_status, merge_kernel_args
+from . import sandbox
+from .base import Driver, LaunchPlan, VMMError, VMSpec, kvm_status, merge_kernel_args
+from .sandbox import VMIds
 
 ACCEL_ENV = "MIKROM_QEMU_ACCEL"
 """Force the accelerator: `kvm` or `tcg`. Unset: KVM when kvm_status() says it is usable."""
@@ -64,9 +74,6 @@ class QemuDriver(Driver):
             raise ValueError(f"accel must be kvm, tcg or None, not {accel!r}")
         self.forced_accel = accel
 
-    def config(self) -> dict:
-        return {**super().config(), "binary": self.binary, "accel": self.forced_accel}
-
     def available(self) -> bool:
         return shutil.which(self.binary) is not None
 
@@ -83,33 +90,66 @@ class QemuDriver(Driver):
             defaults.append(f"tsc_early_khz={khz}")
         return merge_kernel_args(defaults, spec.kernel_args)
 
+    def config(self) -> dict:
+        return {**super().config(), "binary": self.binary, "accel": self.forced_accel}
+
+    def vm_ids(self, state_dir: str | os.PathLike) -> VMIds | None:
+        return sandbox.claim_ids(state_dir, self.sandbox) if self.sandbox.unprivileged else None
+
     def command(self, spec: VMSpec) -> list[str]:
+        return self.launch_plan(spec).argv
+
+    def launch_plan(self, spec: VMSpec) -> LaunchPlan:
         state = Path(spec.state_dir).resolve()
         accel = self.accel()
+        ids = self.vm_ids(state)
+        plan = LaunchPlan(argv=[], netns=spec.netns, run_as=ids,
+                          groups=sandbox.kvm_groups() if ids and accel == "kvm" else [])
+        qmp = plan.pass_fd("listen", state / "qmp.sock")
         argv = [
             self.binary, "-M", "microvm", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
-            "-name", _opt(f"mikrom-{spec.uid}"),
+            # QEMU opens no path of its own, so its name carries the state dir (running_pid)
+            "-name", f"guest={_opt(state)}/",
             "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M",
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        ]
+        if self.sandbox.seccomp:
+            argv += ["-sandbox", sandbox.QEMU_SECCOMP]
+        argv += [
             "-serial", "stdio",
-            "-qmp", f"unix:{_opt(state / 'qmp.sock')},server=on,wait=off",
-            "-kernel", spec.kernel,
+            "-chardev", f"socket,id=qmp,fd={qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+            "-kernel", f"/proc/self/fd/{plan.pass_fd('read', self._boot_file(spec, 'kernel'))}",
             "-append", self.kernel_args(spec, accel),
         ]
         if spec.initrd:
-            argv += ["-initrd", spec.initrd]
+            argv += ["-initrd", f"/proc/self/fd/{plan.pass_fd('read', self._boot_file(spec, 'initrd'))}"]
         if spec.rootfs:
-            argv += ["-drive", f"id=rootfs,file={_opt(spec.rootfs)},format=raw,if=none",
+            # QEMU picks the descriptor of the access mode it asks for (it probes read-only first).
+            for kind in ("rdwr", "read"):
+                argv += ["-add-fd", f"fd={plan.pass_fd(kind, spec.rootfs)},set=1,opaque={_opt(spec.rootfs)}"]
+            argv += ["-drive", "id=rootfs,file=/dev/fdset/1,format=raw,if=none",
                      "-device", "virtio-blk-device,drive=rootfs"]
         if spec.tap:
             net = "virtio-net-device,netdev=n0" + (f",mac={spec.mac}" if spec.mac else "")
-            argv += ["-netdev", f"tap,id=n0,ifname={spec.tap},script=no,downscript=no", "-device", net]
-        if spec.netns:
-            argv = ["ip", "netns", "exec", spec.netns, *argv]
-        return argv
+            argv += ["-netdev", f"tap,id=n0,fd={plan.pass_fd('tap', spec.tap)}", "-device", net]
+        plan.argv = argv
+        return plan
+
+    def _boot_file(self, spec: VMSpec, role: str) -> str:
+        """The kernel or initrd the VMM reads: the shared image, or its private copy (_prepare)."""
+        private = Path(spec.state_dir) / role
+        return str(private) if private.is_file() else getattr(spec, role)
 
     def _prepare(self, spec: VMSpec) -> None:
-        (Path(spec.state_dir) / "qmp.sock").unlink(missing_ok=True)
+        state = Path(spec.state_dir)
+        (state / "qmp.sock").unlink(missing_ok=True)
+        ids = self.vm_ids(state)
+        for role in ("kernel", "initrd"):
+            (state / role).unlink(missing_ok=True)
+            source = getattr(spec, role)
+            # QEMU reopens /proc/self/fd/N, which checks the file's mode against the VM's uid.
+            if source and ids and not sandbox.readable_by_anyone(source):
+                sandbox.copy_read_only(source, state / role, ids.gid)
 
     def _graceful_stop(self, state_dir: Path, timeout: float) -> None:
         qmp_command(state_dir / "qmp.sock", "system_powerdown", timeout=timeout)

@@ -8,7 +8,8 @@ Firecracker's API: every file a request names is opened the way Firecracker woul
 unprivileged uid, relative to the chroot, and refused with a Firecracker-style fault if that
 fails. `InstanceStart` prints the ready marker on the console; `SendCtrlAltDel` ends the process.
 
-It records its command line and the requests it served in `<base>/<exec name>/<id>/standin.json`.
+It records its command line, the requests it served and every file it opened (path inside the
+jail, inode, whether writable) in `<base>/<exec name>/<id>/standin.json`.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main(argv: list[str]) -> int:
     root = os.path.join(jail, "root")
     os.makedirs(root, exist_ok=True)
     os.chown(root, args.uid, args.gid)
-    record = {"argv": argv, "uid": args.uid, "gid": args.gid, "cgroup": args.cgroup, "requests": []}
+    record = {"argv": argv, "uid": args.uid, "gid": args.gid, "cgroup": args.cgroup, "requests": [],
+              "opened": []}
     record_path = os.path.join(jail, "standin.json")
 
     # Opened while still root: the jail directory is not the unprivileged uid's to write.
@@ -99,9 +101,12 @@ def main(argv: list[str]) -> int:
             if not name.startswith("/"):
                 return f"{name}: paths inside the jail are absolute"
             try:
-                os.close(os.open(inside(name), flags))
+                fd = os.open(inside(name), flags)
             except OSError as exc:
                 return f"Cannot open {name}: {exc.strerror}"
+            record["opened"].append({"path": name, "ino": os.fstat(fd).st_ino, "writable": flags == os.O_RDWR})
+            os.close(fd)
+            save()
         return None
 
     class Handler(http.server.BaseHTTPRequestHandler):
