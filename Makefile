@@ -48,15 +48,6 @@ integration: deps
 e2e: deps
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-# The test cluster, left running (root): kube-apiserver, kubelet, containerd, CoreDNS and Traefik
-# in a network namespace of their own; prints its KUBECONFIG. The cluster tests use it instead of
-# starting their own with MIKROM_TEST_CLUSTER=~/.cache/mikrom/cluster (tests/harness/cluster.py).
-cluster: deps images
-	$(PY) hack/cluster.py up
-
-cluster-down:
-	$(PY) hack/cluster.py down
-
 crds: venv
 	$(PY) -m mikrom.crdgen crds
 	# the chart carries the same CRDs (tests/unit/test_chart.py checks they are byte-identical)
