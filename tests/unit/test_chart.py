@@ -660,3 +660,17 @@ def test_the_charts_defaults_agree_with_what_the_dockerfiles_pin():
     # the base every image shares is bookworm, as is the Redis image's tag
     assert "bookworm" in values["redis"]["image"]["tag"]
     assert all("bookworm" in arg for arg in _instruction(operator, "ARG") if arg.startswith("BASE_IMAGE="))
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.name if v else "defaults")
+def test_every_mikrom_variable_the_chart_sets_is_a_setting(values):
+    import dataclasses
+
+    from mikrom.settings import Settings
+
+    known = {"MIKROM_" + f.name.upper() for f in dataclasses.fields(Settings)}
+    docs = render(*([values] if values else []))
+    unknown = {(d["metadata"]["name"], e["name"]) for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")
+               for c in containers(pod_spec(d)) for e in c.get("env", [])
+               if e["name"].startswith("MIKROM_") and e["name"] not in known}
+    assert not unknown, f"not in mikrom/settings.py: {sorted(unknown)}"
