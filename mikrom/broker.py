@@ -78,9 +78,9 @@ def require_password(settings: "Settings") -> None:
     if missing:
         raise InsecureBroker(
             f"{' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no password: anyone who "
-            "can reach that Redis could send tasks to every node. Put the password in the URL (redis://:PASSWORD@host:6379/0) or in "
-            "MIKROM_REDIS_PASSWORD (from a Secret); MIKROM_BROKER_ALLOW_NO_PASSWORD=true starts anyway, "
-            "for a Redis that nobody else can reach.")
+            "can reach that Redis could send tasks to every node. Put the password in the URL "
+            "(redis://:PASSWORD@host:6379/0) or in MIKROM_REDIS_PASSWORD (from a Secret); "
+            "MIKROM_BROKER_ALLOW_NO_PASSWORD=true starts anyway, for a Redis that nobody else can reach.")
 
 
 def refuse_to_start(settings: "Settings", component: str) -> None:
