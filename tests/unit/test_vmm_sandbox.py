@@ -6,8 +6,11 @@ environment, and the settings that switch each part. The processes themselves (a
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from mikrom.worker import vmm
 from mikrom.worker.locks import NodeLocks
 from mikrom.worker.runtime import Runtime
 from mikrom.worker.vmm import QemuDriver, SandboxConfig, SandboxUnavailable, VMSpec, claim_ids, sandbox
+from mikrom.worker.vmm.base import Driver, LaunchPlan
 from mikrom.worker.vmm.sandbox import recorded_ids
 
 POLICY = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -206,3 +210,64 @@ def test_the_writable_disk_must_be_the_vms_own_copy_never_a_shared_image(tmp_pat
     with pytest.raises(vmm.VMMStartFailed, match="not the VM's own copy"):
         QemuDriver(accel="tcg").start(spec)
     assert not (Path(spec.state_dir) / "vm.json").exists()
+
+
+# ------------------------------------------------------------------------------------ the supervisor
+
+_VMM = """
+import os, sys, time
+print("got", os.read(100, 64).decode(), flush=True)
+# what it was started with (Python itself may add LC_CTYPE to os.environ afterwards)
+start_env = open("/proc/self/environ", "rb").read().split(b"\\0")
+print("env", ",".join(sorted(v.split(b"=")[0].decode() for v in start_env if v)), flush=True)
+print("MIKROM-READY", flush=True)
+time.sleep(60)
+"""
+
+
+class PassingDriver(Driver):
+    """A Python "VMM" handed one file as descriptor 100; its argv names the state dir."""
+
+    name = "passing"
+
+    def __init__(self, passed: Path, **kwargs):
+        super().__init__(**kwargs)
+        self.passed = passed
+
+    def available(self):
+        return True
+
+    def launch_plan(self, spec):
+        plan = LaunchPlan(argv=[sys.executable, "-c", _VMM, f"{Path(spec.state_dir).resolve()}/vmm"])
+        plan.pass_fd("read", self.passed)
+        return plan
+
+
+def test_the_vmm_reads_what_it_is_handed_and_gets_none_of_the_callers_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIKROM_BROKER_URL", "redis://:secret@127.0.0.1:1/0")
+    monkeypatch.setenv("KUBECONFIG", "/etc/kubeconfig")
+    passed = tmp_path / "handed.txt"
+    passed.write_text("handed over")
+    driver = PassingDriver(passed)
+    spec = VMSpec(uid="uid-passing", name="passing", vcpus=1, memory_mib=64, kernel=str(passed),
+                  state_dir=tmp_path / "vm")
+    driver.start(spec)
+    try:
+        driver.wait_ready(spec, timeout=20)
+        console = (spec.state_dir / "console.log").read_text()
+        assert "got handed over" in console
+        assert "env LANG,PATH\n" in console, console
+    finally:
+        driver.stop(spec.state_dir, timeout=0)
+
+
+def test_a_fifo_where_a_file_should_be_fails_the_start_at_once(tmp_path):
+    fifo = tmp_path / "not-a-file"
+    os.mkfifo(fifo)
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"k")
+    spec = VMSpec(uid="uid-fifo", name="fifo", vcpus=1, memory_mib=64, kernel=str(kernel), state_dir=tmp_path / "vm")
+    t0 = time.monotonic()
+    with pytest.raises(vmm.VMMStartFailed, match="not-a-file for the VMM: not a regular file"):
+        PassingDriver(fifo).start(spec)
+    assert time.monotonic() - t0 < 10

@@ -36,6 +36,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -136,7 +137,14 @@ def open_passed_fd(kind: str, arg: str) -> int:
     """Open, as root, what the VMM gets as a descriptor instead of opening it itself after it
     dropped its privileges (it has no right to the state directory, /dev/net/tun or the tap)."""
     if kind in ("read", "rdwr"):
-        return os.open(arg, (os.O_RDONLY if kind == "read" else os.O_RDWR) | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # non-blocking so that a FIFO swapped in cannot hang the open; only a regular file will do
+        flags = (os.O_RDONLY if kind == "read" else os.O_RDWR) | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        fd = os.open(arg, flags)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return fd
     if kind == "tap":
         # TUNSETIFF would create a missing tap, one on no bridge: it must exist already.
         socket.if_nametoindex(arg)
