@@ -256,6 +256,8 @@ def _download(url: str, out, timeout: float, max_bytes: int, field: str,
                 time.sleep(0)
     except ImageError:
         raise
+    except urllib3.exceptions.NewConnectionError:  # before TimeoutError, of which it is a subclass
+        raise _failed(field, url, "connection failed") from None
     except urllib3.exceptions.TimeoutError:
         raise _failed(field, url, "timed out") from None
     except urllib3.exceptions.SSLError:
