@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test deps venv testbin image images lock unit integration e2e crds demo bench clean
+.PHONY: test deps venv testbin image images lock unit integration e2e cluster cluster-down crds demo bench clean
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -47,6 +47,15 @@ integration: deps
 
 e2e: deps
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# The test cluster, left running (root): kube-apiserver, kubelet, containerd, CoreDNS and Traefik
+# in a network namespace of their own; prints its KUBECONFIG. The cluster tests use it instead of
+# starting their own with MIKROM_TEST_CLUSTER=~/.cache/mikrom/cluster (tests/harness/cluster.py).
+cluster: deps images
+	$(PY) hack/cluster.py up
+
+cluster-down:
+	$(PY) hack/cluster.py down
 
 crds: venv
 	$(PY) -m mikrom.crdgen crds

@@ -28,13 +28,15 @@ STARTED = procs.STARTED
 # Fixtures of the tiers that run a real worker or boot VMs: the worker (make_worker, celery_client,
 # worker_kubeconfig), network namespaces (netns, make_netns), the guest image (guest_image_dir,
 # own_image_dir) and the e2e fleet (fleet, operator_env).
-pytest_plugins = ["harness.netns", "harness.guest_image", "harness.worker_proc", "harness.fleet"]
+pytest_plugins = ["harness.netns", "harness.guest_image", "harness.worker_proc", "harness.fleet",
+                  # the real one-node cluster (cluster, cluster_namespace) and its `cluster` marker
+                  "harness.cluster_fixtures"]
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
-        if tier in ("unit", "integration", "e2e"):
+        if tier in ("unit", "integration", "e2e", "cluster"):
             item.add_marker(getattr(pytest.mark, tier))
 
 

@@ -31,6 +31,21 @@ def make_pki(d: Path) -> None:
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
 
 
+def issue_cert(d: Path, name: str, subject: str, sans: list[str] = (), server: bool = False) -> None:
+    """`name.key` and `name.crt` in `d`, signed by the CA that make_pki() made there: a client
+    certificate, or with `server` a serving one for `sans` (`IP:10.0.0.1`, `DNS:kubernetes`)."""
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=d)
+    ext = d / f"{name}.ext"
+    lines = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment",
+             f"extendedKeyUsage={'serverAuth,clientAuth' if server else 'clientAuth'}"]
+    if sans:
+        lines.append("subjectAltName=" + ",".join(sans))
+    ext.write_text("\n".join(lines) + "\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{name}.crt", "-days", "3650", "-extfile", ext.name, cwd=d)
+
+
 @dataclass
 class ControlPlane:
     workdir: Path
@@ -54,21 +69,28 @@ class ControlPlane:
 
 
 def _kubeconfig(path: Path, server: str, pki: Path, ca: Path | None = None) -> None:
-    def b64(name: str) -> str:
-        return base64.b64encode((pki / name).read_bytes()).decode()
+    write_kubeconfig(path, server, pki / "admin.crt", pki / "admin.key", ca=ca)
+
+
+def write_kubeconfig(path: Path, server: str, cert: Path, key: Path, ca: Path | None = None,
+                     user: str = "admin") -> None:
+    """A kubeconfig for `server` that logs in with a client certificate; it trusts `ca`, or with
+    none skips verification (until the server's own certificate exists)."""
+    def b64(p: Path) -> str:
+        return base64.b64encode(p.read_bytes()).decode()
 
     cfg = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "mikrom-test", "cluster": (
-            {"server": server, "certificate-authority-data": base64.b64encode(ca.read_bytes()).decode()} if ca
+            {"server": server, "certificate-authority-data": b64(ca)} if ca
             else {"server": server, "insecure-skip-tls-verify": True})}],
-        "users": [{"name": "admin", "user": {"client-certificate-data": b64("admin.crt"),
-                                             "client-key-data": b64("admin.key")}}],
-        "contexts": [{"name": "mikrom-test", "context": {"cluster": "mikrom-test", "user": "admin"}}],
+        "users": [{"name": user, "user": {"client-certificate-data": b64(cert), "client-key-data": b64(key)}}],
+        "contexts": [{"name": "mikrom-test", "context": {"cluster": "mikrom-test", "user": user}}],
         "current-context": "mikrom-test",
     }
     path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o600)
 
 
 def start(workdir: Path) -> ControlPlane:
@@ -124,7 +146,7 @@ def start(workdir: Path) -> ControlPlane:
         kubeconfig = workdir / "kubeconfig"
         _kubeconfig(kubeconfig, server, pki)
         cp = ControlPlane(workdir=workdir, kubeconfig=kubeconfig, server=server, processes=started)
-        _wait_ready(cp, apiserver, timeout=120)
+        wait_ready(cp, apiserver, timeout=120)
         # kube-apiserver made its own serving certificate (for 127.0.0.1 and localhost): trust it
         # from now on instead of skipping verification
         _kubeconfig(kubeconfig, server, pki, ca=certs / "apiserver.crt")
@@ -142,7 +164,7 @@ def _wants_etcd() -> bool:
                                                        Path(os.environ["KUBEBUILDER_ASSETS"], "etcd").is_file()))
 
 
-def _wait_ready(cp: ControlPlane, proc, timeout: float) -> None:
+def wait_ready(cp: ControlPlane, proc, timeout: float) -> None:
     last = [""]
 
     def ready() -> bool:
