@@ -94,12 +94,13 @@ export_image() {
 # Puts `ref` back into buildah's storage from its archive when the storage lost it (a pruned
 # storage, a fresh /var/lib/containers) so that the images built on it need not change.
 restore_image() {
-  local ref=$1 archive=$2
-  image_id "$ref" >/dev/null && return 0
+  local ref=$1 archive=$2 want id
+  want=$(cat "$archive.id")
+  [ "$(image_id "$ref" || true)" = "$want" ] && return 0
   log "restoring $ref from $archive"
-  buildah pull -q "oci-archive:$archive" >/dev/null
-  buildah tag "$(buildah images --noheading --format '{{.ID}}' --filter "reference=$ref" | head -n 1 || true)" "$ref" 2>/dev/null || true
-  image_id "$ref" >/dev/null
+  id=$(buildah pull -q "oci-archive:$archive") || return 1
+  buildah tag "$id" "$ref"
+  [ "$(image_id "$ref")" = "$want" ]
 }
 
 # ---- base: debootstrap -------------------------------------------------------------------
@@ -162,8 +163,8 @@ ensure_base() {
     build_base "$ref"
     export_image base "$ref" "$archive"
   fi
-  BASE_REF=$ref
-  BASE_ID=$(image_id "$ref")
+  # the ID this archive holds, checked by restore_image: a run with another cache may move the tag
+  BASE_ID=$(cat "$archive.id")
 }
 
 # ---- pause: busybox-static ---------------------------------------------------------------
@@ -179,26 +180,32 @@ build_pause() { # ref busybox
 }
 
 # PID 1 of a fresh PID namespace ignores every signal it has no handler for, as in a pod: the
-# image's /pause must exit 0 on TERM, promptly.
+# image's /pause must exit 0 on TERM, promptly. TERM is sent once /pause has its handler (SigCgt
+# in /proc/PID/status); before that any PID 1 would ignore it.
 smoke_pause() { # ref
-  local ref=$1 c mnt pid1 rc=0 i
+  local ref=$1 c mnt outer pid1="" caught rc=0 i
   c=$(buildah from --pull=false "$ref")
   mnt=$(buildah mount "$c")
   mkdir -p "$mnt/dev" && touch "$mnt/dev/null" && mount --bind /dev/null "$mnt/dev/null"
   unshare --pid --fork chroot "$mnt" /pause &
-  local outer=$!
+  outer=$!
   for i in $(seq 100); do
-    pid1=$(cat "/proc/$outer/task/$outer/children" 2>/dev/null || true)
-    [ -n "${pid1// /}" ] && [ -e "/proc/${pid1// /}" ] && break
+    pid1=$(tr -d ' \n' <"/proc/$outer/task/$outer/children" 2>/dev/null || true)
+    caught=$(awk '/^SigCgt:/ { print $2 }' "/proc/${pid1:-0}/status" 2>/dev/null || true)
+    [ -n "$caught" ] && (( 0x$caught & 0x4000 )) && break
     sleep 0.05
   done
-  pid1=${pid1// /}
-  kill -TERM "$pid1" 2>/dev/null || rc=1
-  if [ "$rc" = 0 ]; then
-    timeout 10 tail --pid="$outer" -f /dev/null || rc=1
-    wait "$outer" || rc=1
+  if [ -n "$pid1" ] && kill -TERM "$pid1" 2>/dev/null; then
+    for i in $(seq 100); do
+      [ -e "/proc/$pid1" ] || break
+      sleep 0.1
+    done
   fi
-  [ "$rc" = 0 ] || kill -KILL "$outer" "$pid1" 2>/dev/null || true
+  if [ -z "$pid1" ] || [ -e "/proc/$pid1" ]; then
+    rc=1
+    kill -KILL ${pid1:+"$pid1"} "$outer" 2>/dev/null || true
+  fi
+  wait "$outer" || rc=1
   umount "$mnt/dev/null"
   buildah rm "$c" >/dev/null
   [ "$rc" = 0 ] || { log "smoke: $ref did not exit 0 on SIGTERM as PID 1"; return 1; }
@@ -256,10 +263,11 @@ build_app() { # ref ctx build-args...
   shift 2
   CA_MOUNTS=()
   build_ca_mounts
+  # BASE_IMAGE by ID, not by tag (see ensure_base).
   # --network host: RUN steps reach Debian's archive and PyPI the way this machine does, without
   # depending on a CNI configuration for buildah (the test cluster brings its own).
   "${NICE[@]}" buildah bud -q --pull=false --layers --network host --format oci "${CA_MOUNTS[@]}" \
-    --build-arg "BASE_IMAGE=$BASE_REF" "$@" -f "$ctx/Dockerfile" -t "$ref" "$ctx" >"$WORK/$(basename "$ctx").log" 2>&1 ||
+    --build-arg "BASE_IMAGE=$BASE_ID" "$@" -f "$ctx/Dockerfile" -t "$ref" "$ctx" >"$WORK/$(basename "$ctx").log" 2>&1 ||
     { tail -n 40 "$WORK/$(basename "$ctx").log" >&2; return 1; }
 }
 
