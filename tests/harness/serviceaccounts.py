@@ -31,20 +31,25 @@ class ServiceAccount:
             cp.kubectl("create", "serviceaccount", self.name, "-n", self.namespace, check=False)
         return self
 
-    def token(self, cp, duration: str = "4h") -> str:
-        """A signed token for the account (`kubectl create token`)."""
-        return cp.kubectl("create", "token", self.name, "-n", self.namespace, f"--duration={duration}").stdout.strip()
+    def token(self, cp, duration: str = "4h", bound_to: tuple[str, str, str] | None = None) -> str:
+        """A signed token for the account (`kubectl create token`); with `bound_to` (kind, name,
+        uid), bound to that object, as the kubelet binds a pod's token to the pod."""
+        args = ["create", "token", self.name, "-n", self.namespace, f"--duration={duration}"]
+        if bound_to:
+            kind, name, uid = bound_to
+            args += [f"--bound-object-kind={kind}", f"--bound-object-name={name}", f"--bound-object-uid={uid}"]
+        return cp.kubectl(*args).stdout.strip()
 
-    def kubeconfig(self, cp, path: Path, duration: str = "4h") -> Path:
+    def kubeconfig(self, cp, path: Path, duration: str = "4h", bound_to: tuple[str, str, str] | None = None) -> Path:
         """Write a kubeconfig (mode 0600) for the test cluster that authenticates with a fresh token of
-        the account and nothing else: no client certificate that would win over the token."""
+        the account (see `token`) and nothing else: no client certificate that would win over it."""
         admin = yaml.safe_load(cp.kubeconfig.read_text())
         cluster = admin["clusters"][0]
         cfg = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [cluster],
-            "users": [{"name": self.name, "user": {"token": self.token(cp, duration)}}],
+            "users": [{"name": self.name, "user": {"token": self.token(cp, duration, bound_to)}}],
             "contexts": [{"name": self.name, "context": {"cluster": cluster["name"], "user": self.name}}],
             "current-context": self.name,
         }

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from harness import binaries
+from harness.serviceaccounts import ServiceAccount
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mikrom"
@@ -59,11 +60,6 @@ def chart_rbac(control_plane):
     cp.kubectl("delete", "node", *names["nodes"], "--ignore-not-found", check=False)
 
 
-def can(cp, user: str, *args: str) -> bool:
-    res = cp.kubectl("auth", "can-i", *args, as_user=user, check=False)
-    return res.stdout.strip() == "yes"
-
-
 @pytest.mark.parametrize("verb,resource,expected", [
     ("watch", "microvms.mikrom.io", True),
     ("patch", "microvms.mikrom.io", True),
@@ -79,8 +75,8 @@ def can(cp, user: str, *args: str) -> bool:
     ("update", "customresourcedefinitions.apiextensions.k8s.io", False),
 ])
 def test_the_operators_service_account_may_do_exactly_what_it_needs(control_plane, chart_rbac, verb, resource, expected):
-    user = f"system:serviceaccount:{chart_rbac['namespace']}:{chart_rbac['operator']}"
-    assert can(control_plane, user, verb, *resource.split(), "-A") is expected, (verb, resource)
+    operator = ServiceAccount(chart_rbac["namespace"], chart_rbac["operator"])
+    assert operator.can(control_plane, verb, *resource.split(), "-A") is expected, (verb, resource)
 
 
 @pytest.mark.parametrize("verb,resource,expected", [
@@ -98,15 +94,15 @@ def test_the_operators_service_account_may_do_exactly_what_it_needs(control_plan
     ("patch", "nodes", False),
 ])
 def test_the_workers_service_account_may_do_exactly_what_it_needs(control_plane, chart_rbac, verb, resource, expected):
-    user = f"system:serviceaccount:{chart_rbac['namespace']}:{chart_rbac['worker']}"
-    assert can(control_plane, user, verb, *resource.split(), "-A") is expected, (verb, resource)
+    worker = ServiceAccount(chart_rbac["namespace"], chart_rbac["worker"])
+    assert worker.can(control_plane, verb, *resource.split(), "-A") is expected, (verb, resource)
 
 
 def test_the_worker_writes_the_fleet_report_configmap_of_its_own_namespace_only(control_plane, chart_rbac):
-    user = f"system:serviceaccount:{chart_rbac['namespace']}:{chart_rbac['worker']}"
-    assert can(control_plane, user, "update", "configmaps/mikrom-fleet-report", "-n", chart_rbac["namespace"])
-    assert not can(control_plane, user, "update", "configmaps/other", "-n", chart_rbac["namespace"])
-    assert not can(control_plane, user, "update", "configmaps/mikrom-fleet-report", "-n", "default")
+    worker = ServiceAccount(chart_rbac["namespace"], chart_rbac["worker"])
+    assert worker.can(control_plane, "update", "configmaps/mikrom-fleet-report", "-n", chart_rbac["namespace"])
+    assert not worker.can(control_plane, "update", "configmaps/other", "-n", chart_rbac["namespace"])
+    assert not worker.can(control_plane, "update", "configmaps/mikrom-fleet-report", "-n", "default")
 
 
 class Worker:
@@ -116,7 +112,7 @@ class Worker:
     def __init__(self, cp, tmp_path: Path, names: dict, node: str | None):
         self.cp = cp
         ns, sa = names["namespace"], names["worker"]
-        args = ["create", "token", sa, "-n", ns, "--duration=1h"]
+        bound_to = None
         if node:
             pod = f"worker-{node}"
             manifest = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": ns},
@@ -124,16 +120,9 @@ class Worker:
                                  "containers": [{"name": "worker", "image": "worker:never-pulled"}]}}
             cp.kubectl("apply", "-f", "-", input=json.dumps(manifest))
             uid = cp.kubectl("get", "pod", pod, "-n", ns, "-o", "jsonpath={.metadata.uid}").stdout.strip()
-            args += ["--bound-object-kind=Pod", f"--bound-object-name={pod}", f"--bound-object-uid={uid}"]
-        token = cp.kubectl(*args).stdout.strip()
-        admin = yaml.safe_load(cp.kubeconfig.read_text())
-        self.kubeconfig = tmp_path / f"worker-{node or 'unbound'}.kubeconfig"
-        self.kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "clusters": admin["clusters"],
-            "users": [{"name": "worker", "user": {"token": token}}],
-            "contexts": [{"name": "worker", "context": {"cluster": admin["clusters"][0]["name"], "user": "worker"}}],
-            "current-context": "worker"}))
-        self.kubeconfig.chmod(0o600)
+            bound_to = ("Pod", pod, uid)
+        self.kubeconfig = ServiceAccount(ns, sa).kubeconfig(cp, tmp_path / f"worker-{node or 'unbound'}.kubeconfig",
+                                                            duration="1h", bound_to=bound_to)
 
     def kubectl(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([str(binaries.require("kubectl")), "--kubeconfig", str(self.kubeconfig),
