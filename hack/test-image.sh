@@ -17,6 +17,9 @@
 #     no IP autoconfiguration, so /init applies it) and configures eth0 with busybox `ip`;
 #   - with `mikrom.disk=1` on the command line, mounts the ext4 disk /dev/vda, appends to its
 #     /boots and prints `MIKROM-DISK id=<its /id> boots=<lines in /boots>`;
+#   - with `mikrom.test_shell=<port>` (tests only), listens on that TCP port with busybox `nc`, one
+#     shell per connection (stderr joined to stdout), so a test can run commands inside the guest
+#     (send traffic from it, change its addresses) and read what they print;
 #   - prints the marker line MIKROM-READY on the console and waits;
 #   - powers off on SIGTERM/SIGUSR2 (busybox `poweroff`) and on the ACPI power button (QEMU
 #     `system_powerdown`, through busybox acpid); reboots on Ctrl-Alt-Del (SIGINT; Firecracker's
@@ -27,7 +30,7 @@ want_vmlinux=0
 for arg in "$@"; do
     case "$arg" in
         --vmlinux) want_vmlinux=1 ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "test-image.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -220,6 +223,13 @@ if grep -q "mikrom.disk=1" /proc/cmdline; then
         echo "MIKROM-DISK none"
     fi
 fi
+
+# Tests only: a root shell on a TCP port of the guest's network, one per connection.
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        mikrom.test_shell=*) nc -ll -p "${word#mikrom.test_shell=}" -e /bin/sh -c 'exec 2>&1; exec /bin/sh' & ;;
+    esac
+done
 
 echo "MIKROM-READY"
 while true; do

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mikrom.settings import Settings
 
-from . import images, ipalloc, netdev, urlguard, vmm
+from . import images, ipalloc, netdev, netpolicy, urlguard, vmm
 from .locks import NodeLocks
 from .state import LocalVM, valid_uid, vmm_processes
 
@@ -51,6 +51,8 @@ class Address:
     gateway: str
     mac: str
     tap: str
+    namespace: str = ""
+    name: str = ""
 
 
 class Runtime:
@@ -61,6 +63,7 @@ class Runtime:
         self.cache_dir = Path(settings.state_dir) / "images"
         self.image_url_allowed = urlguard.parse_cidrs(settings.image_url_allowed_cidrs)
         self.netns = settings.netns or None
+        self.policy = netpolicy.policy_config(settings, netdev.TAP_PREFIX)
         self._available: list[str] | None = None
         self._bridges: set[tuple[str, str]] = set()
 
@@ -163,15 +166,17 @@ class Runtime:
                         used.add(ip)
             ip = ipalloc.pick(cidr, used, meta.get("ip") or preferred)
             address = Address(ip=ip, prefix=gw.network.prefixlen, gateway=str(gw.ip),
-                              mac=netdev.mac_for_uid(local.uid), tap=netdev.tap_name_for_uid(local.uid))
+                              mac=netdev.mac_for_uid(local.uid), tap=netdev.tap_name_for_uid(local.uid),
+                              namespace=meta.get("namespace", ""), name=meta.get("name", ""))
             local.update_meta(ip=ip, prefix=address.prefix, gateway=address.gateway, mac=address.mac,
                               tap=address.tap)
         return address
 
     def ensure_network(self, cidr: str, address: Address, tap_owner: int | None = None) -> None:
-        """Bridge (with the gateway), NAT and the VM's tap. The bridge and NAT are checked once per
-        process and block (about ten `ip`/`iptables` calls); if the tap cannot join the bridge, they
-        are checked again."""
+        """Bridge (with the gateway), NAT, the network policy and the VM's tap with its policy
+        entry. The bridge, NAT and policy tables are checked once per process and block (about ten
+        `ip`/`iptables`/`nft` calls; the first check also brings every local VM's entry up to date);
+        if the tap cannot join the bridge, they are checked again."""
         gw = ipalloc.gateway(cidr)
         key = (self.settings.bridge, str(gw))
         for attempt in (1, 2):
@@ -180,14 +185,30 @@ class Runtime:
                 with self.locks.hold(NETWORK_LOCK, timeout=60):
                     netdev.ensure_bridge(self.settings.bridge, str(gw), netns=self.netns)
                     netdev.ensure_nat(self.settings.bridge, str(gw.network), netns=self.netns)
+                    netpolicy.ensure_tables(self.policy, netns=self.netns)
+                    if self.policy.enabled:
+                        netpolicy.sync(self._policy_entries(), netns=self.netns, prune=True)
                 self._bridges.add(key)
             try:
                 netdev.ensure_tap(address.tap, self.settings.bridge, netns=self.netns, user=tap_owner)
+                if self.policy.enabled:  # after the tap: until then a tap of ours drops everything
+                    netpolicy.ensure_vm(netpolicy.VMEntry(address.tap, address.mac, address.ip, address.namespace,
+                                                          address.name), netns=self.netns)
                 return
             except netdev.NetdevError:
                 self._bridges.discard(key)
                 if attempt == 2:
                     raise
+
+    def _policy_entries(self) -> list[netpolicy.VMEntry]:
+        """The policy entry of every local VM with an address (from its meta.json)."""
+        entries = []
+        for other in sorted(self.vms_dir.iterdir()) if self.vms_dir.is_dir() else ():
+            meta = LocalVM(self.vms_dir, other.name).read_meta() if valid_uid(other.name) else {}
+            if all(meta.get(k) for k in ("tap", "mac", "ip", "namespace")):
+                entries.append(netpolicy.VMEntry(meta["tap"], meta["mac"], meta["ip"], meta["namespace"],
+                                                 meta.get("name", "")))
+        return entries
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -261,6 +282,10 @@ class Runtime:
             netdev.delete_tap(tap, self.netns)
         if had:
             local.remove()
+        # once more without the directory, under the lock of the policy sync (which reads the
+        # directories), so no sync that started before the removal can leave an entry behind
+        with self.locks.hold(NETWORK_LOCK, timeout=60):
+            netpolicy.remove_vm(tap, self.netns)
         return had
 
 
