@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import cluster_pods
-from harness.cluster import cgroup_hierarchies
+from harness.cluster_host import cgroup_hierarchies
 from harness.waits import holds_for, wait_for
 
 # prints the pid of a `sleep` that left the exec session and its process group (hostPID: a host pid)
