@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import time
 
 import pytest
@@ -38,11 +37,10 @@ def test_a_fifo_in_the_image_dir_is_refused_naming_the_field(image_dir):
     assert err.value.reason == "InvalidSpec"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a character device needs root")
-def test_a_device_in_the_image_dir_is_refused(image_dir):
-    os.mknod(image_dir / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))  # what /dev/null is
+def test_a_device_in_the_image_dir_is_refused():
+    # /dev itself as the image directory: its character devices are real, and no mknod (root) is needed
     with pytest.raises(ImageRefused, match=r"spec.image.initrd.path: 'null' is not a regular file \(a device\)"):
-        _quick(lambda: images.resolve_path(image_dir, "null", field="spec.image.initrd.path"))
+        _quick(lambda: images.resolve_path("/dev", "null", field="spec.image.initrd.path"))
 
 
 def test_a_unix_socket_in_the_image_dir_is_refused(image_dir):
