@@ -174,7 +174,12 @@ class Reconciler:
                 address = self.runtime.allocate_address(local, cidr, (vm.get("status") or {}).get("ipAddress"))
             except ipalloc.BlockExhausted as exc:
                 return self._fail(vm, local, exc.reason, str(exc))
-            self.runtime.ensure_network(cidr, address, tap_owner=self.runtime.tap_owner(vmm_name, local))
+            try:
+                owner = self.runtime.tap_owner(vmm_name, local)
+            except vmm.VMMStartFailed as exc:  # no free uid in the sandbox range
+                local.update_meta(lastReason=exc.reason)
+                return self._fail(vm, local, exc.reason, str(exc))
+            self.runtime.ensure_network(cidr, address, tap_owner=owner)
         try:
             vmspec = self.runtime.build_spec(local, vm, imgs, address)
             pid = self.runtime.launch(local, vmspec, vmm_name)
