@@ -116,6 +116,14 @@ class Settings:
     """Image `path`s are relative to this directory and may not leave it."""
     heartbeat_seconds: float = 10.0
     """How often the worker renews its MicroVMNode heartbeat."""
+    # worker: fencing (worker/lease.py, worker/fence.py, worker/peers.py)
+    fence_peer_window_seconds: float = 20.0
+    """A peer counts as alive, and as reaching the API server, if it said so in Redis this recently.
+    A worker that cannot write its heartbeat keeps its VMs' lease only while some live peer exists
+    and none of them wrote to the API server within this window (a control-plane outage). Keep it
+    well below `selfFenceAfterSeconds` minus twice the heartbeat period."""
+    fence_kill_after_seconds: float = 5.0
+    """A supervisor whose lease expired asks its VMM to stop (SIGTERM) and kills it this much later."""
     capacity_vcpus: int = 0
     """vCPUs offered to VMs; 0: the host's CPU count."""
     capacity_memory_mib: int = 0

@@ -4,8 +4,11 @@ Started from the worker's startup signal (see tasks.py) as two background loops.
 worker `threading` is monkey-patched, so these are greenlets; every call they make has a timeout.
 
 - Heartbeat: every `heartbeat_seconds` the worker patches its MicroVMNode status (capacity,
-  VMMs, KVM, `lastHeartbeatTime`). A worker that cannot renew it for `self_fence_after_seconds`
-  stops its own VMs, so the operator may safely recreate them elsewhere once the node is lost.
+  VMMs, KVM, `lastHeartbeatTime`), tells its peers in Redis (peers.py) and, if fence.decide()
+  allows (the write succeeded, or no live peer reaches the API server either), renews the node's
+  lease (lease.py) for `self_fence_after_seconds`. Every VM's supervisor stops its VMM by itself
+  once the lease runs out, so the operator may safely recreate them elsewhere once the node is
+  lost, even if this worker is dead or frozen; a live worker also stops them itself then.
 - Sync: right after start (adopting the VMs a previous worker left running) and then every
   `sync_interval_seconds`, or at once when the heartbeat comes back after a gap or finds the node
   marked NotReady (its VMs were reported Unknown and must be re-reported).
@@ -23,7 +26,9 @@ from kubernetes.client.rest import ApiException
 import mikrom
 from mikrom import conditions, kube, names
 
-from . import maintenance, vmm
+from . import fence as fencing
+from . import lease, maintenance, vmm
+from .peers import PeerBoard
 from .state import local_uids
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,11 @@ def host_capacity(vcpus: int = 0, memory_mib: int = 0) -> dict:
     return {"vcpus": int(vcpus), "memoryMiB": int(memory_mib)}
 
 
+FIRST_ROUND_WAIT = 60.0
+"""How long the first sync waits for the first heartbeat round (its lease renewal): a supervisor
+refuses to start a VMM under an expired lease."""
+
+
 def should_fence(last_ok: float, now: float, fence_after: float) -> bool:
     return fence_after > 0 and now - last_ok > fence_after
 
@@ -58,7 +68,11 @@ class NodeAgent:
         self.node = ctx.node
         self.cidr: str | None = None
         self.last_ok = time.monotonic()
+        self.last_renewed = lease.boottime()
         self.fenced = False
+        self.verdict: fencing.Verdict | None = None
+        self.peers = PeerBoard(self.settings, self.node)
+        self.first_round = threading.Event()
         self.heartbeats = 0
         self._was_ready: bool | None = None
         self.sync_wanted = threading.Event()
@@ -125,37 +139,77 @@ class NodeAgent:
     def stop(self) -> None:
         self.stopping.set()
         self.sync_wanted.set()
+        self.peers.forget()
 
     def _heartbeat_loop(self) -> None:
         registered = False
         while not self.stopping.is_set():
             gap = False
+            # the lease counts from before the write: the operator's view is never older than that
+            sent = lease.boottime()
+            api_ok = False
             try:
                 node = self.heartbeat() if registered else self.register()
                 registered = True
+                api_ok = True
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any API failure
+                log.warning("heartbeat of %s failed: %s", self.node, exc)
+            try:
+                self._renew_lease(api_ok, sent)
+            except Exception as exc:  # noqa: BLE001 - an unrenewed lease fences; the loop goes on
+                log.error("fence lease round of %s failed: %s", self.node, exc)
+            self.first_round.set()
+            try:
+                if not api_ok:
+                    if not self.fenced and should_fence(self.last_renewed, lease.boottime(),
+                                                        self.settings.self_fence_after_seconds):
+                        self.fence()
+                    self.stopping.wait(self.settings.heartbeat_seconds)
+                    continue
                 gap = self.fenced or time.monotonic() - self.last_ok > 2.5 * self.settings.heartbeat_seconds
                 self.last_ok = time.monotonic()
                 self.heartbeats += 1
                 if self.fenced:
                     log.warning("heartbeat renewed after self-fencing; VMs still assigned here start again")
                     self.fenced = False
+                if gap and lease.absorb_fences(self.ctx.runtime.vms_dir):
+                    self.sync_wanted.set()
                 ready = conditions.is_true((node.get("status") or {}).get("conditions"), names.READY)
                 if gap or (ready and self._was_ready is False):
                     # back from a gap, or the operator saw the node again after calling it lost:
                     # its VMs are Unknown until we report them
                     self.sync_wanted.set()
                 self._was_ready = ready
-            except Exception as exc:  # noqa: BLE001 - the loop must outlive any API failure
-                log.warning("heartbeat of %s failed: %s", self.node, exc)
-                if not self.fenced and should_fence(self.last_ok, time.monotonic(),
-                                                    self.settings.self_fence_after_seconds):
-                    self.fence()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("heartbeat of %s: %s", self.node, exc)
             self.stopping.wait(self.settings.heartbeat_seconds)
+
+    def _renew_lease(self, api_ok: bool, sent: float) -> None:
+        """Tell the peers how this round went and renew the lease if fence.decide() allows."""
+        s = self.settings
+        verdict = fencing.decide(api_ok, self.node, self.peers.exchange(api_ok), s.fence_peer_window_seconds)
+        if verdict.reason != (self.verdict.reason if self.verdict else None):
+            (log.info if verdict.renew else log.warning)("fence lease of %s: %s (%s)", self.node,
+                                                         "renewing" if verdict.renew else "not renewing",
+                                                         verdict.message)
+        self.verdict = verdict
+        if not verdict.renew or s.self_fence_after_seconds <= 0:
+            return
+        start = sent if api_ok else lease.boottime()
+        try:
+            lease.renew(self.ctx.runtime.vms_dir, start + s.self_fence_after_seconds, self.node, verdict.reason,
+                        ttl=s.self_fence_after_seconds, kill_after=s.fence_kill_after_seconds)
+            self.last_renewed = start
+        except OSError as exc:
+            log.error("cannot renew the fence lease of %s: %s", self.node, exc)
 
     def _sync_loop(self) -> None:
         first = True
+        # adoption and starts wait for the first lease renewal (bounded: the sync must run anyway)
+        self.first_round.wait(FIRST_ROUND_WAIT)
         while not self.stopping.is_set():
             try:
+                lease.absorb_fences(self.ctx.runtime.vms_dir)
                 summary = maintenance.sync_node(self.ctx, lock_timeout=0.5 if not first else 30.0)
                 if first:
                     log.info("startup sync (adoption) of %s: %s", self.node, summary)
@@ -166,13 +220,14 @@ class NodeAgent:
             self.sync_wanted.clear()
 
     def fence(self) -> None:
-        """Stop every VM on this node: the API server has not heard from us for too long, so the
-        operator may already be recreating them elsewhere."""
+        """Stop every VM on this node: the lease has run out (the operator has not heard from us
+        for too long), so it may already be recreating them elsewhere. The supervisors stop their
+        VMMs by themselves at the same moment; this covers a supervisor that predates the lease."""
         self.fenced = True
         runtime = self.ctx.runtime
         uids = local_uids(runtime.vms_dir)
-        log.error("no heartbeat for %.0fs: self-fencing, stopping %d VM(s)", self.settings.self_fence_after_seconds,
-                  len(uids))
+        log.error("fence lease not renewed for %.0fs: self-fencing, stopping %d VM(s)",
+                  self.settings.self_fence_after_seconds, len(uids))
         for uid in uids:
             local = runtime.local(uid)
             if local.pid() is None:

@@ -18,6 +18,18 @@ rotates it to `console.log.1` whenever it reaches half the cap, so both together
   run.json    pid, supervisor pid, start time (wall clock and CLOCK_MONOTONIC, which is system-wide)
   ready       the time the ready marker first appeared on the console
   exit.json   the VMM's exit status, once it has exited
+  fence.json  why the supervisor stopped its VMM by itself (its node's lease expired), if it did
+
+Fencing: the supervisor does not depend on a live worker to stop its VMM. Beside the VMs' state
+directories lies the node's lease (`<vms>/fence-lease.json`, see worker/lease.py), whose content
+is a CLOCK_BOOTTIME deadline that the worker pushes forward while it may. Once the file exists,
+the supervisor checks it every second; when the deadline has passed (or the file has gone), it
+records fence.json, asks the VMM to stop (SIGTERM), kills it `kill_after_seconds` later, and exits
+once it has reaped it. It refuses to start a VMM under an expired lease. CLOCK_BOOTTIME is shared
+with the worker and also counts time the host was suspended, so a node waking from a long freeze
+stops its VMMs within a second. No lease file at all (a driver used without a worker) fences
+nothing. Every VMM start and stop is appended, with its CLOCK_BOOTTIME time, to the node's
+journal `<vms>/vmm-journal.jsonl`, which outlives the VM's directory (the tests' overlap check).
 
 Before it starts the VMM, the supervisor may join the VM's network namespace (`--netns`), open
 files, taps and the control socket as root and hand them to the VMM as descriptors (`--fd`), so
@@ -34,6 +46,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -49,6 +62,71 @@ TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 VMM_ENV = ("PATH", "LANG")
 """The only variables the VMM gets (the launcher already gives the supervisor no more)."""
+
+# fencing and the journal (see the module docstring; the worker side is worker/lease.py)
+LEASE_FILE = "fence-lease.json"
+FENCE_FILE = "fence.json"
+JOURNAL_FILE = "vmm-journal.jsonl"
+JOURNAL_MAX_BYTES = 4 << 20
+"""The journal is rotated to `vmm-journal.jsonl.1` past this size."""
+LEASE_CHECK_SECONDS = 1.0
+DEFAULT_KILL_AFTER = 5.0
+
+
+def boottime() -> float:
+    """CLOCK_BOOTTIME: monotonic, system-wide, and counting suspended time."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def node_dir(state: str) -> str:
+    """The directory holding the VMs' state directories, where the lease and journal live."""
+    return os.path.dirname(os.path.abspath(state.rstrip("/")))
+
+
+def read_lease(path: str) -> dict | None:
+    """The lease's content; None if there is no lease file, {} if it cannot be read or parsed."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def lease_verdict(lease: dict | None, now: float, armed: bool) -> tuple[str, str]:
+    """("unarmed" | "valid" | "expired", why) for a lease read at CLOCK_BOOTTIME `now`; `armed`:
+    a lease was seen before (then a missing file is an expired lease, not no lease)."""
+    if lease is None:
+        return ("expired", "the lease file was removed") if armed else ("unarmed", "no lease file")
+    deadline = lease.get("expires_boottime")
+    if not isinstance(deadline, (int, float)) or isinstance(deadline, bool):
+        return "expired", "the lease file is unreadable"
+    if now >= deadline:
+        return "expired", f"the lease expired {now - deadline:.1f}s ago (renewed by {lease.get('node', '?')} " \
+                          f"for {lease.get('ttl_seconds', '?')}s, last because {lease.get('why', '?')})"
+    return "valid", f"{deadline - now:.1f}s left"
+
+
+def journal(state: str, event: str, **fields) -> None:
+    """Append one event to the node's VMM journal; never fails the supervisor."""
+    path = os.path.join(node_dir(state), JOURNAL_FILE)
+    record = {"event": event, "uid": os.path.basename(state.rstrip("/")), "boottime": boottime(),
+              "monotonic": time.monotonic(), "at": time.time(), **fields}
+    try:
+        try:
+            if os.stat(path).st_size > JOURNAL_MAX_BYTES:
+                os.replace(path, path + ".1")
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())  # one write: lines never interleave
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -207,6 +285,18 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
         os.replace(log_path, log_path + ".1")
     log = RotatingLog(log_path, args.max_bytes)
 
+    lease_path = os.path.join(node_dir(state), LEASE_FILE)
+    lease = read_lease(lease_path)
+    verdict, why = lease_verdict(lease, boottime(), armed=False)
+    if verdict == "expired":
+        os.write(report_fd, json.dumps({"error": f"not starting the VMM: this node's fence lease is not "
+                                                 f"valid ({why})"}).encode())
+        return 127
+    try:
+        os.unlink(os.path.join(state, FENCE_FILE))  # the previous run's; this run is not fenced
+    except FileNotFoundError:
+        pass
+
     try:
         enter_cgroup(args.cgroup_procs, args.cgroupns)
     except OSError as exc:
@@ -233,6 +323,7 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
     read_fd, write_fd = os.pipe()
     started_mono = time.monotonic()
     started_wall = time.time()
+    started_boot = boottime()  # before the VMM exists: the journal never shows it starting late
     try:
         vmm = subprocess.Popen(args.argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
                                close_fds=True, pass_fds=passed, cwd=state,
@@ -248,14 +339,19 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
     run = {"pid": vmm.pid, "supervisor_pid": os.getpid(), "started_at": started_wall,
            "started_monotonic": started_mono, "argv": args.argv}
     write_atomic(os.path.join(state, "run.json"), json.dumps(run))
+    journal(state, "start", pid=vmm.pid, supervisor_pid=os.getpid(), boottime=started_boot)
     os.write(report_fd, json.dumps(run).encode())
     os.close(report_fd)
 
     marker = args.ready_marker.encode() if args.ready_marker else b""
     seen_ready = not marker
     tail = b""
+    fence = LeaseFence(state, vmm, armed=lease is not None)
     while True:
+        fence.check()
         try:
+            if not select.select([read_fd], [], [], LEASE_CHECK_SECONDS)[0]:
+                continue
             chunk = os.read(read_fd, READ_SIZE)
         except InterruptedError:
             continue
@@ -271,8 +367,60 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
         log.write(chunk)
     log.close()
     returncode = vmm.wait()
-    write_atomic(os.path.join(state, "exit.json"), json.dumps({"returncode": returncode, "at": time.time()}))
+    journal(state, "stop", pid=vmm.pid, supervisor_pid=os.getpid(), returncode=returncode, fenced=fence.fenced)
+    write_atomic(os.path.join(state, "exit.json"), json.dumps({"returncode": returncode, "at": time.time(),
+                                                               "fenced": fence.fenced}))
     return 0
+
+
+class LeaseFence:
+    """The supervisor's half of the fence: stop the VMM once the node's lease has expired.
+
+    Signals go from the supervise loop's own thread, before it reaps the VMM, so they can never
+    reach a recycled pid."""
+
+    def __init__(self, state: str, vmm: subprocess.Popen, armed: bool):
+        self.state, self.vmm, self.armed = state, vmm, armed
+        self.lease_path = os.path.join(node_dir(state), LEASE_FILE)
+        self.fenced = False
+        self.kill_at: float | None = None
+        self.next_check = 0.0
+
+    def check(self) -> None:
+        now = boottime()
+        if self.kill_at is not None:
+            if now >= self.kill_at:
+                self._signal(signal.SIGKILL)
+                self.kill_at = None
+            return
+        if self.fenced or now < self.next_check:
+            return
+        self.next_check = now + LEASE_CHECK_SECONDS
+        lease = read_lease(self.lease_path)
+        verdict, why = lease_verdict(lease, now, self.armed)
+        self.armed = self.armed or lease is not None
+        if verdict != "expired":
+            return
+        self.fenced = True
+        kill_after = (lease or {}).get("kill_after_seconds", DEFAULT_KILL_AFTER)
+        if not isinstance(kill_after, (int, float)) or not 0 <= kill_after <= 300:
+            kill_after = DEFAULT_KILL_AFTER
+        record = {"reason": "LeaseExpired", "message": why, "at": time.time(), "boottime": now,
+                  "pid": self.vmm.pid, "lease": lease}
+        try:
+            write_atomic(os.path.join(self.state, FENCE_FILE), json.dumps(record))
+        except OSError:
+            pass  # the VMM must stop whether or not the record can be written
+        journal(self.state, "fence", pid=self.vmm.pid, supervisor_pid=os.getpid(), message=why)
+        self._signal(signal.SIGTERM)
+        self.kill_at = now + kill_after
+
+    def _signal(self, sig: int) -> None:
+        if self.vmm.returncode is None:
+            try:
+                os.kill(self.vmm.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:
