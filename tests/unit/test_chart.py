@@ -268,8 +268,10 @@ def test_the_peering_crds_are_the_ones_the_operator_uses():
     for expected in PEERING_CRDS:
         path = CHART / "crds" / f"kopf.dev_{expected['spec']['names']['plural']}.yaml"
         assert yaml.safe_load(path.read_text()) == expected, path.name
-    from mikrom.operator import main
-    assert main.PEERING_GROUP == "kopf.dev"
+    # ... and the ones the operator's RBAC names
+    operator_rules = _deploy("deploy/rbac/operator.yaml")["ClusterRole/mikrom-operator"]["rules"]
+    (peering,) = [r for r in operator_rules if r["apiGroups"] == ["kopf.dev"]]
+    assert sorted(peering["resources"]) == sorted(c["spec"]["names"]["plural"] for c in PEERING_CRDS)
 
 
 def _rules(doc: dict) -> list:
@@ -339,7 +341,7 @@ def _restricted(container: dict, pod: dict) -> list[str]:
 def test_every_pod_but_the_workers_runs_non_root_read_only_without_capabilities(values):
     docs = render(*([values] if values else []))
     for doc in docs:
-        if doc["kind"] not in ("Deployment", "StatefulSet"):
+        if doc["kind"] not in ("Deployment", "StatefulSet", "Job"):
             continue
         spec = pod_spec(doc)
         for c in containers(spec):
@@ -592,7 +594,7 @@ def test_no_password_appears_in_any_command_line_or_plain_environment_value(extr
 @pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.name if v else "defaults")
 def test_every_image_is_pinned_by_tag_and_digests_are_appended(values):
     docs = render(*([values] if values else []))
-    images = {c["image"] for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")
+    images = {c["image"] for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")
               for c in containers(pod_spec(d))}
     for image in images:
         name = image.split("@")[0]
@@ -600,6 +602,19 @@ def test_every_image_is_pinned_by_tag_and_digests_are_appended(values):
         assert tag and tag != "latest", image
     if values and values.name == "all-values.yaml":
         assert all("@sha256:" in i for i in images), images
+
+
+def test_the_default_ip_pool_is_deleted_by_a_pre_delete_hook_allowed_that_pool_only():
+    docs = render()
+    hooks = [d for d in docs if d["metadata"].get("annotations", {}).get("helm.sh/hook") == "pre-delete"]
+    assert sorted(d["kind"] for d in hooks) == ["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+    (role,) = [d for d in hooks if d["kind"] == "ClusterRole"]
+    assert role["rules"] == [{"apiGroups": ["mikrom.io"], "resources": ["ippools"], "resourceNames": ["default"],
+                              "verbs": ["get", "delete", "patch"]}]
+    (job,) = [d for d in hooks if d["kind"] == "Job"]
+    (c,) = pod_spec(job)["containers"]
+    assert c["command"][-2:] == ["default", "60"]
+    assert not [d for d in render(sets=("ipPool.create=false",)) if d["metadata"].get("annotations", {}).get("helm.sh/hook")]
 
 
 def test_the_default_ip_pool_is_the_example_one():
