@@ -47,14 +47,29 @@ def reconcile_locked(ctx, namespace: str, name: str, uid: str, lock_timeout: flo
         return outcome
 
 
+def _gone(ctx, uids: set[str]) -> list[dict]:
+    """References to VMs this node holds whose object the API server no longer has (force-deleted
+    while this node was lost, or a delete message dropped), named as this node recorded them when
+    it started them, never as a message claimed. Reconciling one re-reads the object under the
+    VM's lock and removes what this node holds only if it is really gone."""
+    refs = []
+    for uid in sorted(uids):
+        meta = ctx.runtime.local(uid).read_meta()
+        if meta.get("uid") == uid and meta.get("namespace") and meta.get("name"):
+            refs.append({"metadata": {"namespace": meta["namespace"], "name": meta["name"], "uid": uid}})
+    return refs
+
+
 def sync_node(ctx, lock_timeout: float = 0.5) -> dict:
-    """Reconcile every VM assigned to this node, and every VM this node still holds that is now
+    """Reconcile every VM assigned to this node, every VM this node still holds that is now
     assigned elsewhere (placed on another node while this one was lost: reconciling it re-reads the
-    object under its lock and removes what this node held). A VM busy with a task is left to it."""
+    object under its lock and removes what this node held), and every VM it holds whose object is
+    gone. A VM busy with a task is left to it."""
     vms = kube.list_vms()
     held = set(local_uids(ctx.runtime.vms_dir))
     mine = _mine(ctx, vms) + [vm for vm in vms if vm["metadata"]["uid"] in held
                               and (vm.get("status") or {}).get("node") != ctx.node]
+    mine += _gone(ctx, held - {vm["metadata"]["uid"] for vm in vms})
 
     def one(vm: dict) -> str:
         meta = vm["metadata"]

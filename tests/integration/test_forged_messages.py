@@ -153,6 +153,19 @@ def test_a_delete_for_a_vm_whose_object_is_gone_is_dropped_and_the_orphan_is_lef
                     "cleanup_old_vms to remove the orphan")
 
 
+def test_the_status_sync_removes_a_vm_whose_object_is_gone_by_the_name_the_node_recorded(
+        make_worker, netns, vms, celery_client):
+    worker = make_worker(netns=netns, sync_interval_seconds=300)  # orphans younger than 300 s stay
+    vm = vms.placed("ghost", worker.node)
+    state = hold(worker, vm)
+    vms.delete("ghost")  # no finalizer: gone at once, as after a force-delete of a lost node
+    wait_for(lambda: vms.get("ghost") is None, 10, "the object to go")
+
+    # the next status sync (every 30 s by default) removes it, well before the daily cleanup
+    broadcast_until(celery_client, names.SYNC_VM_STATUS, {}, lambda: not state.exists(), 30,
+                    "sync_vm_status to remove the VM whose object is gone")
+
+
 def test_beat_tasks_ignore_arguments_in_the_message_and_act_on_the_settings(worker, vms, celery_client):
     orphan = worker.vms_dir / str(uuid.uuid4())  # an orphan younger than MIKROM_ORPHAN_MIN_AGE_SECONDS (300)
     orphan.mkdir(parents=True)
