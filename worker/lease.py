@@ -33,13 +33,9 @@ def lease_path(vms_dir: str | Path) -> Path:
 
 
 def renew(vms_dir: str | Path, deadline: float, node: str, why: str, ttl: float, kill_after: float) -> dict:
-    """Set the lease's deadline (CLOCK_BOOTTIME) to `deadline`; never moves it backwards, so a
-    renewal computed from an older start time cannot shorten a newer one."""
+    """Set the lease's deadline (CLOCK_BOOTTIME) to `deadline`, atomically (a supervisor reads the
+    old lease or the new one, never half of one)."""
     path = lease_path(vms_dir)
-    current = consolecap.read_lease(str(path)) or {}
-    old = current.get("expires_boottime")
-    if isinstance(old, (int, float)) and old > deadline and current.get("node") == node:
-        deadline = old
     lease = {"expires_boottime": deadline, "renewed_boottime": boottime(), "renewed_at": time.time(),
              "ttl_seconds": ttl, "kill_after_seconds": kill_after, "node": node, "why": why}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,8 @@ def host_capacity(vcpus: int = 0, memory_mib: int = 0) -> dict:
     return {"vcpus": int(vcpus), "memoryMiB": int(memory_mib)}
 
 
+FENCING_OFF_TTL = 10 * 365 * 86400.0
+"""The lease's length while `self_fence_after_seconds` is 0 (fencing off)."""
 FIRST_ROUND_WAIT = 60.0
 """How long the first sync waits for the first heartbeat round (its lease renewal): a supervisor
 refuses to start a VMM under an expired lease."""
@@ -193,12 +195,16 @@ class NodeAgent:
                                                          "renewing" if verdict.renew else "not renewing",
                                                          verdict.message)
         self.verdict = verdict
-        if not verdict.renew or s.self_fence_after_seconds <= 0:
+        ttl, why = s.self_fence_after_seconds, verdict.reason
+        if ttl <= 0:
+            # fencing is off: a lease that never runs out, so one left by an earlier setting fences nothing
+            ttl, why = FENCING_OFF_TTL, "FencingDisabled"
+        elif not verdict.renew:
             return
         start = sent if api_ok else lease.boottime()
         try:
-            lease.renew(self.ctx.runtime.vms_dir, start + s.self_fence_after_seconds, self.node, verdict.reason,
-                        ttl=s.self_fence_after_seconds, kill_after=s.fence_kill_after_seconds)
+            lease.renew(self.ctx.runtime.vms_dir, start + ttl, self.node, why,
+                        ttl=ttl, kill_after=s.fence_kill_after_seconds)
             self.last_renewed = start
         except OSError as exc:
             log.error("cannot renew the fence lease of %s: %s", self.node, exc)

@@ -61,3 +61,55 @@ def test_a_peer_that_wrote_just_inside_the_window_still_counts_as_reaching_the_a
 ], ids=["none", "removed", "unreadable", "string", "bool", "past", "now", "future"])
 def test_a_supervisor_treats_anything_but_a_future_deadline_as_an_expired_lease_once_armed(lease, armed, verdict):
     assert lease_verdict(lease, NOW, armed)[0] == verdict
+
+
+class _Board:
+    def __init__(self, view):
+        self.view, self.calls = view, []
+
+    def exchange(self, api_ok):
+        self.calls.append(api_ok)
+        return self.view
+
+
+def agent_with(tmp_path, view, fence_after=10.0):
+    from types import SimpleNamespace
+
+    from mikrom.settings import Settings
+    from mikrom.worker.node import NodeAgent
+
+    settings = Settings(self_fence_after_seconds=fence_after, fence_peer_window_seconds=WINDOW,
+                        fence_kill_after_seconds=2.0, node_name="a")
+    ctx = SimpleNamespace(settings=settings, node="a", runtime=SimpleNamespace(vms_dir=tmp_path / "vms"))
+    agent = NodeAgent(ctx)
+    agent.peers = _Board(view)
+    return agent
+
+
+def test_the_worker_renews_from_the_round_s_start_only_when_the_decision_allows(tmp_path):
+    from mikrom.worker import lease
+
+    agent = agent_with(tmp_path, None)
+    agent._renew_lease(api_ok=False, sent=lease.boottime())  # Redis and the API server both gone
+    assert lease.remaining(tmp_path / "vms") is None and agent.verdict.reason == "PeersUnreachable"
+
+    sent = lease.boottime() - 3  # the heartbeat took 3 s: the lease still counts from its start
+    agent._renew_lease(api_ok=True, sent=sent)
+    assert agent.peers.calls == [False, True]
+    assert 6.5 < lease.remaining(tmp_path / "vms") <= 7.0
+
+    agent.peers.view = PeerView(now=NOW, seen={"b": NOW}, api_writes={"b": NOW - 1})
+    agent._renew_lease(api_ok=False, sent=lease.boottime())
+    assert lease.remaining(tmp_path / "vms") <= 7.0 and agent.verdict.reason == "PeersReachApiServer"
+
+    agent.peers.view = PeerView(now=NOW, seen={"b": NOW}, api_writes={"b": NOW - 60})
+    agent._renew_lease(api_ok=False, sent=lease.boottime())
+    assert lease.remaining(tmp_path / "vms") > 9.5 and agent.verdict.reason == "ControlPlaneOutage"
+
+
+def test_with_fencing_off_the_lease_never_runs_out(tmp_path):
+    from mikrom.worker import lease
+
+    agent = agent_with(tmp_path, None, fence_after=0)
+    agent._renew_lease(api_ok=False, sent=lease.boottime())
+    assert lease.remaining(tmp_path / "vms") > 365 * 86400
