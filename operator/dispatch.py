@@ -1,7 +1,7 @@
 """Sending a VM's task to its node's queue, with the bookkeeping of docs/protocol.md.
 
-A dispatch is first recorded in `status.dispatch` = {intent, attempts, sentAt, taskId, key}, then
-sent with `app.send_task(name, kwargs=VMRef, queue="mikrom.node.<node>")`: the message carries a
+A dispatch is first recorded in `status.dispatch` = {intent, attempts, sentAt, taskId, key} (the
+status write of `vms.reconcile`, decided by `decide`), then sent, in the same handler call, with `app.send_task(name, kwargs=VMRef, queue="mikrom.node.<node>")`: the message carries a
 reference and an intent, never the spec. Every send is logged first as one JSON line with the
 message "dispatch" and the fields vm_uid, vm, intent, task, task_id, node, attempt, sent_at, why and
 redispatch, so
@@ -15,16 +15,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable
 
-from mikrom import broker, conditions, metrics, names
+from mikrom import broker, metrics, names
 from mikrom.models import VMRef
 from mikrom.names import Intent
 
 from . import lifecycle
+from .decide import Message
 from .state import SETTINGS, STATE
-from .status import Written, emit, update_vm
+from .status import emit
 
 log = logging.getLogger(__name__)
 
@@ -55,40 +54,22 @@ def send(ref: VMRef, node: str, task_id: str) -> None:
                      task_id=task_id, retry=True, retry_policy=RETRY_POLICY)
 
 
-def record(body: dict, intent: Intent, key: str, attempts: int,
-           extra: Callable[[dict], dict] | None = None,
-           precondition: Callable[[dict], bool] | None = None) -> Written | None:
-    """Write a new `status.dispatch` (and the `extra` status fields) before anything is sent."""
-    task_id = str(uuid.uuid4())
-
-    def compute(current: dict) -> dict | None:
-        if precondition is not None and not precondition(current):
-            return None
-        patch = dict(extra(current)) if extra else {}
-        patch["dispatch"] = {"intent": intent.value, "attempts": attempts, "sentAt": conditions.now_precise(),
-                             "taskId": task_id, "key": key}
-        return patch
-
-    return update_vm(body, compute)
-
-
-def deliver(body: dict, why: str, because: str = "", reason: str = names.DISPATCHED, warning: bool = False) -> None:
-    """Send the dispatch recorded in `body`, then record one Event with `reason` saying `because`
-    (what asked for it) and what was sent. Raises DispatchRetry when the broker refuses."""
-    meta, st = body["metadata"], body.get("status") or {}
-    d, node = st["dispatch"], st["node"]
-    intent = Intent(d["intent"])
+def deliver(body: dict, msg: Message) -> None:
+    """Send `msg` (a dispatch recorded in `body`'s status) to the VM's node, then record one Event
+    with `msg.reason` saying `msg.because` and what was sent. Raises DispatchRetry when the broker
+    refuses."""
+    meta, node = body["metadata"], (body.get("status") or {})["node"]
+    intent, why = msg.intent, msg.why
     task, queue = names.INTENT_TASK[intent], names.node_queue(node)
-    redispatch = why != "new"
     error = BREAKER.open()
     if error is None:
         log.info("dispatch", extra={"vm_uid": meta["uid"], "vm": f"{meta['namespace']}/{meta['name']}",
-                                    "intent": intent.value, "task": task, "task_id": d["taskId"], "node": node,
-                                    "attempt": d.get("attempts", 1), "sent_at": d.get("sentAt"), "why": why,
-                                    "redispatch": redispatch})
+                                    "intent": intent.value, "task": task, "task_id": msg.task_id, "node": node,
+                                    "attempt": msg.attempt, "sent_at": msg.sent_at, "why": why,
+                                    "redispatch": why != "new"})
         ref = VMRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], intent=intent)
         try:
-            send(ref, node, d["taskId"])
+            send(ref, node, msg.task_id)
             BREAKER.closed()
             metrics.DISPATCHES.labels(intent.value, why).inc()
         except Exception as exc:  # noqa: BLE001 - kombu and redis raise many kinds; all mean "not sent"
@@ -96,21 +77,22 @@ def deliver(body: dict, why: str, because: str = "", reason: str = names.DISPATC
             BREAKER.tripped(error)
     if error is not None:
         metrics.DISPATCH_FAILURES.labels(intent.value).inc()
-        if because and reason != names.DISPATCHED:
-            emit(body, reason, because, warning=warning)  # the transition happened; the message is late
+        if msg.because and msg.reason != names.DISPATCHED:
+            emit(body, msg.reason, msg.because, warning=msg.warning)  # the transition happened; the message is late
         uid = meta["uid"]
-        failure = STATE.mark_failed(uid, d["taskId"], lambda n: lifecycle.backoff(
+        failure = STATE.mark_failed(uid, msg.task_id, lambda n: lifecycle.backoff(
             n, SETTINGS.dispatch_backoff_seconds, uid, cap=SEND_BACKOFF_CAP))
         delay = max(0.0, failure.next_try - time.monotonic())
         message = (f"could not send {task} to queue {queue}: Redis at {broker.redacted(SETTINGS.broker)}: "
                    f"{error}; the VM stays recorded as it is, retrying in {delay:.1f}s (failure {failure.count})")
         emit(body, names.DISPATCH_FAILED, message, warning=True)
         raise DispatchRetry(message, delay)
-    STATE.mark_delivered(meta["uid"], d["taskId"])
+    STATE.mark_delivered(meta["uid"], msg.task_id)
     note = {"new": "", "no-progress": " again: no progress", "operator-restart": " again after an operator restart",
             "send-retry": " after failed sends"}.get(why, f" again ({why})")
-    emit(body, reason, f"{because + '; ' if because else ''}sent {task} to queue {queue}{note} "
-                       f"(attempt {d.get('attempts', 1)})", warning=warning)
+    because = msg.because
+    emit(body, msg.reason, f"{because + '; ' if because else ''}sent {task} to queue {queue}{note} "
+                           f"(attempt {msg.attempt})", warning=msg.warning)
 
 
 class Breaker:
@@ -141,14 +123,6 @@ class Breaker:
 
 
 BREAKER = Breaker()
-
-
-def retry_due(uid: str, task_id: str) -> float | None:
-    """Seconds until a failed send of `task_id` may be retried (0: now); None if it never failed."""
-    failure = STATE.failure(uid)
-    if failure is None or failure.task_id != task_id:
-        return None
-    return max(0.0, failure.next_try - time.monotonic())
 
 
 def _reason(exc: BaseException) -> str:

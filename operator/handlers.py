@@ -1,8 +1,9 @@
 """The kopf handlers, thin: each one hands the object to the module that decides.
 
 - index handlers feed `state` (so no other handler runs before the initial listing is complete);
-- MicroVM: create/update/resume and a timer reconcile it (`vms`), a delete handler holds the
-  finalizer until the node confirms (`vms.finalize`);
+- MicroVM: the raw-event handler places a new VM and sends its create in the first cycle that
+  sees it; create/update/resume and a timer reconcile it (`vms`, which asks `decide`); a delete
+  handler holds the finalizer until the node confirms (`vms.finalize`);
 - MicroVMNode: a timer checks the heartbeat and the counts (`nodes`);
 - IPPool: a timer keeps the pool's status current (`pools`);
 - watch events for deletions and capacity changes wake the placement sweep (`scheduler`).
@@ -19,7 +20,7 @@ import kopf
 
 from mikrom import metrics, names
 
-from . import main, nodes, pools, scheduler, vms
+from . import nodes, pools, scheduler, startup, vms
 from .collector import OperatorCollector
 from .dispatch import DispatchRetry
 from .state import SETTINGS, STATE
@@ -31,14 +32,20 @@ NODES = (names.GROUP, names.VERSION, names.MICROVMNODES)
 POOLS = (names.GROUP, names.VERSION, names.IPPOOLS)
 
 
+_EXECUTOR: list = [None]
+"""kopf's thread pool for synchronous handlers (raw-event handlers are not given the settings)."""
+
+
 @kopf.on.startup()
 async def operator_startup(settings: kopf.OperatorSettings, **_) -> None:
-    main.configure(settings, SETTINGS)
+    startup.configure(settings, SETTINGS)
+    _EXECUTOR[0] = settings.execution.executor
     metrics.register_collector(OperatorCollector())
     metrics.serve(SETTINGS, "operator")
     scheduler.SWEEPER.attach(asyncio.get_running_loop(), settings.execution.executor, _sweep)
     STATE.waker = scheduler.SWEEPER.wake
-    await asyncio.get_running_loop().run_in_executor(settings.execution.executor, main.ensure_peering, settings, SETTINGS)
+    await asyncio.get_running_loop().run_in_executor(settings.execution.executor, startup.ensure_peering,
+                                                     settings, SETTINGS)
 
 
 def _sweep() -> None:
@@ -73,6 +80,21 @@ async def ippool_index(body, **_):
 async def microvm_event(event, body, **_):
     if event["type"] == "DELETED":
         STATE.forget_vm(body["metadata"]["uid"])
+        return
+    if not (body.get("status") or {}).get("node") and not body["metadata"].get("deletionTimestamp"):
+        # A VM that needs a node is placed and its create sent now: in the first cycle, kopf adds
+        # its finalizer and runs no change handler, so waiting for those would cost a round trip.
+        await asyncio.get_running_loop().run_in_executor(_EXECUTOR[0], _place_now, dict(body))
+
+
+def _place_now(body: dict) -> None:
+    try:
+        vms.reconcile(body, cause="event")
+    except DispatchRetry:
+        pass  # recorded with its backoff; the create handler or the timer retries
+    except Exception as exc:  # noqa: BLE001 - kopf ignores raw-event errors; the create handler retries
+        log.warning("placement of %s/%s failed: %s", body["metadata"].get("namespace"), body["metadata"].get("name"),
+                    exc)
 
 
 @kopf.on.event(*NODES)
@@ -91,9 +113,11 @@ async def ippool_event(event, body, **_):
 
 def _reconcile(body, cause: str) -> None:
     try:
-        vms.reconcile(dict(body), cause=cause)
+        decision = vms.reconcile(dict(body), cause=cause)
     except DispatchRetry as exc:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    if decision.requeue_after:
+        raise kopf.TemporaryError("next send after a failed one", delay=decision.requeue_after)
 
 
 @kopf.on.create(*VMS)
@@ -123,9 +147,11 @@ def microvm_timer(body, **_):
 @kopf.on.delete(*VMS)
 def microvm_delete(body, retry, **_):
     try:
-        vms.finalize(dict(body), retry=retry or 0)
-    except (DispatchRetry, vms.Waiting) as exc:
+        decision = vms.finalize(dict(body), retry=retry or 0)
+    except DispatchRetry as exc:
         raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    if not decision.finalizer_remove:
+        raise kopf.TemporaryError(decision.waiting or "waiting for the node", delay=decision.requeue_after or 1.0)
 
 
 # ---------------------------------------------------------------------------- MicroVMNode, IPPool

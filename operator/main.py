@@ -21,16 +21,11 @@ import random
 
 import kopf
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
 
-from mikrom import broker, kube, names
+from mikrom import broker, kube
 from mikrom.settings import Settings
 
 log = logging.getLogger(__name__)
-
-PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
-STORAGE_PREFIX = "operator.mikrom.io"
-
 
 def run(standalone: bool = False, liveness: str = "", peering: str = "mikrom", verbose: bool = False) -> int:
     settings = Settings.from_env()
@@ -39,7 +34,7 @@ def run(standalone: bool = False, liveness: str = "", peering: str = "mikrom", v
         # kopf logs every handler and timer run at INFO; keep its warnings and errors only
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     _api_client(settings)
-    import mikrom.operator.handlers  # noqa: F401 - registers the handlers
+    from . import handlers  # noqa: F401 - registers the handlers (imported here: it reads the settings at import)
 
     namespaces = [settings.namespace] if settings.namespace else []
     log.info("starting the operator", extra={"namespace": settings.namespace or "*", "peering": None if standalone
@@ -57,51 +52,6 @@ def run(standalone: bool = False, liveness: str = "", peering: str = "mikrom", v
 
 def priority(settings: Settings) -> int:
     return settings.peering_priority or random.randint(1, 2**31 - 1)
-
-
-def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
-    """Apply Mikrom's choices to kopf's settings (called from the startup handler, so that
-    `kopf run` gets them too)."""
-    kopf_settings.persistence.finalizer = names.FINALIZER
-    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
-    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=STORAGE_PREFIX)
-    kopf_settings.execution.max_workers = settings.operator_workers
-    kopf_settings.execution.default_backoff = max(1.0, settings.reconcile_interval_seconds)
-    kopf_settings.posting.enabled = False  # the operator records its own Events, one per transition
-    kopf_settings.peering.lifetime = settings.peering_lifetime_seconds
-    kopf_settings.peering.stealth = True
-    if settings.peering_priority:
-        kopf_settings.peering.priority = settings.peering_priority
-    kopf_settings.scanning.disabled = True  # no permission to watch CRDs or namespaces is needed
-    kopf_settings.networking.request_timeout = 60
-    kopf_settings.networking.connect_timeout = 10
-    kopf_settings.watching.connect_timeout = 10
-    kopf_settings.watching.server_timeout = 300
-    kopf_settings.watching.client_timeout = 330
-
-
-def ensure_peering(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
-    """Create the peering object if it is missing: without it a replica would stay paused."""
-    if kopf_settings.peering.standalone:
-        return
-    name = kopf_settings.peering.name
-    api = kube.custom()
-    try:
-        if kopf_settings.peering.clusterwide:
-            api.create_cluster_custom_object(
-                PEERING_GROUP, PEERING_VERSION, "clusterkopfpeerings",
-                {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": "ClusterKopfPeering",
-                 "metadata": {"name": name}}, _request_timeout=kube.TIMEOUT)
-        else:
-            api.create_namespaced_custom_object(
-                PEERING_GROUP, PEERING_VERSION, settings.namespace, "kopfpeerings",
-                {"apiVersion": f"{PEERING_GROUP}/{PEERING_VERSION}", "kind": "KopfPeering",
-                 "metadata": {"name": name, "namespace": settings.namespace}}, _request_timeout=kube.TIMEOUT)
-        log.info("created the peering object %s", name)
-    except ApiException as exc:
-        if exc.status != 409:
-            log.warning("could not create the peering object %s (%s %s); create it, or run --standalone",
-                        name, exc.status, exc.reason)
 
 
 def _api_client(settings: Settings) -> None:

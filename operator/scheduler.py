@@ -1,7 +1,7 @@
-"""Placement with its side effects, serialised: under one lock the operator builds the node views
-(capacity minus what assigned VMs and not-yet-written reservations hold), picks a node with
-`placement.choose`, carves the node's address block if it needs one, and reserves the capacity
-before the lock is released. Two VMs therefore never double-book a node, even before the watch
+"""Placement with its side effects, serialised: under `STATE.placement_lock` the operator builds the
+node views (capacity minus what assigned VMs and not-yet-written reservations hold), `decide`
+picks a node, and `hold` carves the node's address block if it needs one and reserves the
+capacity before the lock is released. Two VMs therefore never double-book a node, even before the watch
 stream shows the first one's assignment.
 
 `Sweeper` re-tries the pending VMs when capacity may have appeared (a node registered or changed,
@@ -16,13 +16,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from . import ipam, nodes, placement, pools
+from . import ipam, placement, pools
+from .decide import Placement
+from .health import health
 from .state import SETTINGS, STATE, Reservation
 
 log = logging.getLogger(__name__)
 
 
-def _views(req: placement.Request) -> list[placement.NodeView]:
+def node_views(req: placement.Request) -> tuple[placement.NodeView, ...]:
+    """Every node as placement sees it for `req` (call with `STATE.placement_lock` held)."""
     now = time.time()
     allocated = STATE.allocated()
     carvable = pools.can_carve(req.pool) if req.pool else False
@@ -37,7 +40,7 @@ def _views(req: placement.Request) -> list[placement.NodeView]:
             free = ipam.guests_per_block(ipam.network(block).prefixlen) - STATE.addresses_on(name)
         out.append(placement.NodeView(
             name=name,
-            ready=nodes.health(node, now, SETTINGS.node_lost_after_seconds).ready,
+            ready=health(node, now, SETTINGS.node_lost_after_seconds).ready,
             schedulable=spec.get("schedulable", True) is not False,
             labels=(node.get("metadata") or {}).get("labels") or {},
             capacity_vcpus=int(capacity.get("vcpus") or 0),
@@ -49,24 +52,17 @@ def _views(req: placement.Request) -> list[placement.NodeView]:
             free_addresses=free,
             can_carve=carvable,
         ))
-    return out
+    return tuple(out)
 
 
-def place(vm: dict) -> placement.Choice:
-    """Choose a node for `vm` and reserve its capacity (and address block)."""
-    uid = vm["metadata"]["uid"]
-    req = placement.request_of(vm.get("spec") or {})
-    with STATE.placement_lock:
-        held = STATE.reservation(uid)
-        if held is not None:
-            return placement.Choice(held.node, f"assigned to MicroVMNode {held.node}")
-        choice = placement.choose(req, _views(req))
-        if choice.node is None:
-            return choice
-        if choice.needs_block and pools.carve(choice.node, req.pool) is None:
-            return placement.Choice(None, f"IPPool {req.pool} has no free address block for MicroVMNode {choice.node}")
-        STATE.reserve(uid, Reservation(choice.node, req.vcpus, req.memory_mib))
-        return choice
+def hold(uid: str, p: Placement, reserved: bool) -> bool:
+    """Carve the chosen node's address block if the placement needs one, and reserve the VM's
+    capacity there; False when the pool had no block left after all (decide again). Call with
+    `STATE.placement_lock` held, right after deciding on the views built under it."""
+    if p.carve_pool and not reserved and pools.carve(p.node, p.carve_pool) is None:
+        return False
+    STATE.reserve(uid, Reservation(p.node, p.vcpus, p.memory_mib))
+    return True
 
 
 class Sweeper:

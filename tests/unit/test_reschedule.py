@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mikrom import conditions, names
-from mikrom.operator import nodes
+from mikrom.operator import health as nodes
 
 NOW = 1_800_000_000.0
 FENCE, MARGIN = 60.0, 30.0
