@@ -209,13 +209,16 @@ class Settings:
     """Namespace of `generate_report`'s ConfigMap; empty: the worker's own (POD_NAMESPACE), else `mikrom`."""
 
     # worker: the VMMs' host cgroups (worker/hostcgroup.py)
+    host_cgroups: bool = True
+    """Run each VMM and its supervisor in a cgroup of their own under the host's cgroup root
+    (below), so VMs outlive the worker's pod and their RAM is never charged to it. False: VMMs stay
+    in the worker's own cgroup and die with its pod (a worker outside Kubernetes, without root)."""
     host_cgroup_root: str = "/sys/fs/cgroup"
     """The host's cgroup mount as the worker sees it (in the pod: a hostPath of the host's
     /sys/fs/cgroup, mounted at /sys/fs/cgroup so that Firecracker's jailer finds it too)."""
     host_cgroup_parent: str = "mikrom"
     """Each VMM and its supervisor run in the group <parent>/<VM uid> of every host hierarchy,
-    capped at the VM's vCPUs and memory, so VMs outlive the worker's pod and their RAM is never
-    charged to it. Empty: VMMs stay in the worker's own cgroup (and die with its pod)."""
+    capped at the VM's vCPUs and memory plus `host_cgroup_memory_overhead_mib`."""
     host_cgroup_memory_overhead_mib: int = 256
     """Memory a VM's group allows beyond the guest's: the VMM's own (QEMU's device models and,
     under TCG, its translation cache; Firecracker needs under 5 MiB) and the supervisor's."""

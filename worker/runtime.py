@@ -81,7 +81,7 @@ class Runtime:
             firecracker["jailer"] = {"binary": s.jailer_binary, "chroot_base": s.jailer_chroot_base,
                                      "cgroup_limits": s.jailer_cgroup_limits}
         host_cgroup = None
-        if s.host_cgroup_parent:
+        if s.host_cgroups:
             host_cgroup = {"root": s.host_cgroup_root, "parent": s.host_cgroup_parent,
                            "memory_overhead_mib": s.host_cgroup_memory_overhead_mib}
         return {"qemu": {"binary": s.qemu_binary, "host_cgroup": host_cgroup},

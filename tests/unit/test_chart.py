@@ -387,6 +387,9 @@ def test_the_worker_runs_on_kvm_nodes_with_host_network_pid_state_and_cgroups_an
     assert volumes["host-cgroup"]["hostPath"]["path"] == "/sys/fs/cgroup"
     assert mounts["host-cgroup"]["mountPath"] == env["MIKROM_HOST_CGROUP_ROOT"]["value"] == "/sys/fs/cgroup"
     assert env["MIKROM_HOST_CGROUP_PARENT"]["value"] == "mikrom"
+    assert env["MIKROM_HOST_CGROUPS"]["value"] == "true"
+    off = env_of(pod_spec(one(render(sets=("worker.hostCgroup.enabled=false",)), "DaemonSet", "worker"))["containers"][0])
+    assert off["MIKROM_HOST_CGROUPS"]["value"] == "false"
 
 
 def test_the_workers_probes_ping_its_own_celery_node_name_and_liveness_is_off_by_default(monkeypatch):

@@ -124,14 +124,16 @@ def test_the_config_is_saved_with_the_driver_and_read_back(tmp_path):
     assert QemuDriver().config()["host_cgroup"] is None
 
 
-def test_the_worker_settings_give_every_driver_the_host_cgroup_and_an_empty_parent_none(tmp_path):
+def test_the_worker_settings_give_every_driver_the_host_cgroup_unless_switched_off(tmp_path):
     on = Runtime(Settings(state_dir=str(tmp_path), host_cgroup_root="/host/cgroup", host_cgroup_parent="mk",
                           host_cgroup_memory_overhead_mib=99), NodeLocks(tmp_path / "locks"))
     for name in ("qemu", "firecracker"):
         assert on.driver_configs()[name]["host_cgroup"] == {
             "root": "/host/cgroup", "parent": "mk", "memory_overhead_mib": 99}
-    off = Runtime(Settings(state_dir=str(tmp_path), host_cgroup_parent=""), NodeLocks(tmp_path / "locks"))
+    off = Runtime(Settings.from_env({"MIKROM_STATE_DIR": str(tmp_path), "MIKROM_HOST_CGROUPS": "false"}),
+                  NodeLocks(tmp_path / "locks"))
     assert off.driver_configs()["qemu"]["host_cgroup"] is None
+    assert off.driver_configs()["firecracker"]["host_cgroup"] is None
 
 
 def _spec(tmp_path: Path) -> VMSpec:
