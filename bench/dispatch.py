@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
-"""Dispatch benchmark: how fast the operator turns accepted MicroVMs into messages on node queues.
+"""Dispatch benchmark: how fast the operator turns accepted MicroVMs into messages on node queues,
+beside its floor, a kopf operator that does nothing but send that message (bench/floor_operator.py).
 
 It starts what the integration tests start (tests/harness): a real kube-apiserver on kine, a real
-redis-server, the CRDs and the operator's RBAC, and `mikrom operator` as its own process running
-cluster-wide as the mikrom-operator ServiceAccount. Fake nodes register and heartbeat and consume
-their queues (they record messages and boot nothing). Then it creates N MicroVMs from a few client
-threads and reports, per VM, the time from "the API server accepted the create" to "the message
-was taken from the node's queue in Redis": p50, p95, max, and the throughput.
+redis-server, the CRDs and the operator's RBAC, and, as their own processes with the
+mikrom-operator ServiceAccount, `mikrom operator` serving namespace `bench` and the floor operator
+serving namespace `floor` (both standalone). Fake nodes register,
+heartbeat and consume their queues (they record messages and boot nothing). For each operator it
+reports the time from "the API server accepted the create" to "the message was taken from the node's
+queue in Redis", in two phases:
 
-    .venv/bin/python bench/dispatch.py [--count 200] [--nodes 4] [--clients 8]
+- one at a time (`--single N`): a create, its message, then the next; Mikrom's and the floor's
+  creates alternate, so both are measured under the same conditions;
+- a burst (`--count N --clients C`): N creates from C client threads, the floor's burst first (it
+  has no timers to disturb the second), then Mikrom's: p50, p95, max, how long after the last create
+  was accepted the last message arrived, and messages missing or duplicated.
+
+    .venv/bin/python bench/dispatch.py [--single 20] [--count 200] [--clients 8] [--nodes 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import os
 import shutil
@@ -21,12 +30,14 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import controlplane, fake_worker, operator_proc, redis_server  # noqa: E402
+from harness import controlplane, fake_worker, operator_proc, procs, redis_server  # noqa: E402
+from harness.waits import wait_for  # noqa: E402
 from kubernetes import client, config  # noqa: E402
 
 from mikrom import names  # noqa: E402
@@ -36,9 +47,11 @@ What this leaves out:
   - fake nodes: a test stand-in plays the worker (it registers, heartbeats and consumes its queue in
     the real Redis, but boots no VM and writes no VM status), so no worker-side time is included;
   - one kube-apiserver on kine/SQLite and one Redis, on loopback, on this machine, sharing its CPUs
-    with the operator, the client threads and the fake nodes;
+    with both operators, the client threads and the fake nodes;
   - the clock stops when the fake node takes the message off its queue, which it polls continuously
     (this adds at most a few milliseconds over the moment of enqueueing)."""
+
+OPERATORS = (("mikrom", "bench"), ("floor", "floor"))  # name, namespace
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -48,92 +61,145 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+@dataclass
+class Figures:
+    latencies: list[float]
+    missing: int
+    duplicated: int
+    tail: float
+    """Seconds from the last create accepted to the last message."""
+
+    def line(self) -> str:
+        if not self.latencies:
+            return f"no messages, {self.missing} missing"
+        ms = [x * 1000 for x in self.latencies]
+        return (f"p50 {percentile(ms, 0.5):6.1f} ms  p95 {percentile(ms, 0.95):6.1f} ms  max {max(ms):6.1f} ms  "
+                f"mean {statistics.mean(ms):6.1f} ms  last message {self.tail * 1000:6.0f} ms after the last "
+                f"create  missing {self.missing}  duplicated {self.duplicated}")
+
+
+def figures(worker, accepted: dict[str, float]) -> Figures:
+    first: dict[str, float] = {}
+    counts: collections.Counter = collections.Counter()
+    for m in worker.messages(task=names.CREATE_VM):
+        uid = m.kwargs["uid"]
+        if uid in accepted:
+            counts[uid] += 1
+            first.setdefault(uid, m.received_at)
+    lat = [first[u] - accepted[u] for u in accepted if u in first]
+    tail = (max(first.values()) - max(accepted.values())) if first else float("nan")
+    return Figures(lat, sum(1 for u in accepted if u not in first), sum(c - 1 for c in counts.values()), tail)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=200, help="MicroVMs to create")
+    parser.add_argument("--single", type=int, default=20, help="MicroVMs per operator created one at a time")
+    parser.add_argument("--count", type=int, default=200, help="MicroVMs per operator in the burst (0: none)")
     parser.add_argument("--nodes", type=int, default=4, help="fake MicroVMNodes")
-    parser.add_argument("--clients", type=int, default=8, help="client threads creating MicroVMs")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for all messages")
+    parser.add_argument("--clients", type=int, default=8, help="client threads creating the burst")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the messages")
     parser.add_argument("--keep", action="store_true", help="keep the logs (printed path)")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="mikrom-bench-"))
     started: list = []
-    worker = op = None
+    worker = None
+    ops: dict[str, operator_proc.Operator] = {}
     try:
-        print(f"starting kube-apiserver, redis-server and the operator (logs in {workdir}) ...", flush=True)
+        print(f"starting kube-apiserver, redis-server and both operators (logs in {workdir}) ...", flush=True)
         cp = controlplane.start(workdir / "controlplane")
         started += cp.processes
         redis = redis_server.start(workdir / "redis")
         started.append(redis.proc)
         operator_proc.install(cp)
         kubeconfig = operator_proc.service_account_kubeconfig(cp, workdir / "operator.kubeconfig")
-        cp.kubectl("create", "namespace", "bench")
+        for _, ns in OPERATORS:
+            cp.kubectl("create", "namespace", ns)
         broker = redis.url(db=0)
 
         worker = fake_worker.FakeWorker(str(cp.kubeconfig), broker)
-        per_node = max(1, -(-args.count // args.nodes))
-        for i in range(args.nodes):
-            worker.add_node(f"bench-{i}", vcpus=per_node, memory_mib=per_node * 256, answering=False)
-        op = operator_proc.start(cp, broker, workdir / "operator", "operator", kubeconfig, namespace="",
-                                 env={"MIKROM_RECONCILE_INTERVAL_SECONDS": "10",
-                                      "MIKROM_PROGRESS_TIMEOUT_SECONDS": "600"})
-        started.append(op.proc)
-        op.wait_live()
-        time.sleep(2)  # let it list the nodes and settle
-
+        per_node = max(1, -(-(args.count + args.single + 1) // args.nodes))
+        node_names = [f"bench-{i}" for i in range(args.nodes)]
+        for name in node_names:
+            worker.add_node(name, vcpus=per_node, memory_mib=per_node * 256, answering=False)
+        ops["mikrom"] = operator_proc.start(cp, broker, workdir / "operator", "operator", kubeconfig,
+                                            namespace="bench", standalone=True,
+                                            # a loaded API server delays the fake nodes' heartbeats:
+                                            # the tests' 6 s would mark nodes lost mid-burst
+                                            env={"MIKROM_RECONCILE_INTERVAL_SECONDS": "10",
+                                                 "MIKROM_NODE_LOST_AFTER_SECONDS": "60",
+                                                 "MIKROM_PROGRESS_TIMEOUT_SECONDS": "600"})
+        ops["floor"] = start_floor(broker, kubeconfig, workdir / "floor", node_names)
+        for op in ops.values():
+            op.wait_live()
         api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(cp.kubeconfig)))
-        accepted: dict[str, float] = {}
 
-        def create(i: int) -> None:
-            body = {"apiVersion": names.API_VERSION, "kind": "MicroVM", "metadata": {"name": f"vm-{i:04d}"},
+        def create(ns: str, name: str) -> tuple[str, float]:
+            body = {"apiVersion": names.API_VERSION, "kind": "MicroVM", "metadata": {"name": name},
                     "spec": {"vcpus": 1, "memoryMiB": 128,
                              "image": {"kernel": {"path": "vmlinuz"}, "initrd": {"path": "initrd.img"}}}}
-            obj = api.create_namespaced_custom_object(names.GROUP, names.VERSION, "bench", names.MICROVMS, body,
+            obj = api.create_namespaced_custom_object(names.GROUP, names.VERSION, ns, names.MICROVMS, body,
                                                       _request_timeout=(5, 30))
-            accepted[obj["metadata"]["uid"]] = time.time()
+            return obj["metadata"]["uid"], time.time()
 
-        print(f"creating {args.count} MicroVMs from {args.clients} client threads ...", flush=True)
-        t0 = time.time()
-        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
-            list(pool.map(create, range(args.count)))
-        created_in = time.time() - t0
-
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
+        def delivered(uids) -> bool:
             got = {m.kwargs["uid"] for m in worker.messages(task=names.CREATE_VM)}
-            if accepted.keys() <= got:
-                break
-            time.sleep(0.1)
-        first: dict[str, float] = {}
-        for m in worker.messages(task=names.CREATE_VM):
-            first.setdefault(m.kwargs["uid"], m.received_at)
-        missing = [u for u in accepted if u not in first]
-        latencies = [first[u] - accepted[u] for u in accepted if u in first]
-        total = len(worker.messages(task=names.CREATE_VM))
-        span = max(first.values()) - t0 if first else float("nan")
+            return set(uids) <= got
+
+        for op_name, ns in OPERATORS:  # a warm-up VM each: both have listed the nodes and connected to Redis
+            uid, _ = create(ns, "warm-up")
+            wait_for(lambda: delivered([uid]), 60, f"the {op_name} operator's first message", interval=0.01)
+
+        single: dict[str, dict[str, float]] = {name: {} for name, _ in OPERATORS}
+        print(f"one at a time: {args.single} MicroVMs per operator, alternating ...", flush=True)
+        for i in range(args.single):
+            for op_name, ns in OPERATORS:
+                uid, at = create(ns, f"one-{i:04d}")
+                single[op_name][uid] = at
+                wait_for(lambda: delivered([uid]), args.timeout, f"the {op_name} message of one-{i:04d}",
+                         interval=0.002)
+
+        burst: dict[str, dict[str, float]] = {name: {} for name, _ in OPERATORS}
+        if args.count:
+            for op_name, ns in reversed(OPERATORS):  # the floor first: it has no timers to disturb the other
+                print(f"burst: {args.count} MicroVMs from {args.clients} client threads for {op_name} ...",
+                      flush=True)
+                with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+                    for uid, at in pool.map(lambda i, ns=ns: create(ns, f"burst-{i:04d}"), range(args.count)):
+                        burst[op_name][uid] = at
+                try:
+                    wait_for(lambda: delivered(burst[op_name]), args.timeout, f"the {op_name} burst's messages",
+                             interval=0.05)
+                except Exception as exc:  # noqa: BLE001 - report what arrived
+                    print(f"  {exc}")
 
         print()
-        print(f"MicroVMs created:      {len(accepted)} in {created_in:.2f}s "
-              f"({len(accepted) / created_in:.0f}/s accepted by the API server)")
-        print(f"messages on queues:    {len(first)} VMs ({total} create messages in all), {len(missing)} missing")
-        if latencies:
-            print(f"dispatch latency:      p50 {percentile(latencies, 0.5) * 1000:.0f} ms, "
-                  f"p95 {percentile(latencies, 0.95) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
-                  f"(mean {statistics.mean(latencies) * 1000:.0f} ms)")
-            print(f"throughput:            {len(first) / span:.1f} VMs/s dispatched "
-                  f"(first create to last message: {span:.2f}s)")
-        print(f"setup:                 {args.nodes} fake nodes, operator with {os.environ.get('MIKROM_OPERATOR_WORKERS', 16)} "
-              f"handler threads, {os.cpu_count()} CPUs")
+        print(f"setup: {args.nodes} fake nodes; Mikrom's operator with {os.environ.get('MIKROM_OPERATOR_WORKERS', 16)} "
+              f"handler threads; {os.cpu_count()} CPUs")
+        bad = False
+        for phase, data in (("one at a time", single), (f"burst ({args.count} from {args.clients} clients)", burst)):
+            if not any(data.values()):
+                continue
+            f = {name: figures(worker, data[name]) for name, _ in OPERATORS}
+            print(f"\n{phase}: create accepted -> message on the node's queue")
+            for name, _ in OPERATORS:
+                print(f"  {name:7s} {f[name].line()}")
+            if f["mikrom"].latencies and f["floor"].latencies:
+                r50 = percentile(f["mikrom"].latencies, 0.5) / percentile(f["floor"].latencies, 0.5)
+                r95 = percentile(f["mikrom"].latencies, 0.95) / percentile(f["floor"].latencies, 0.95)
+                print(f"  ratio   mikrom/floor: p50 {r50:.2f}x, p95 {r95:.2f}x")
+            bad = bad or any(x.missing or x.duplicated for x in f.values())
         print()
         print(LEFT_OUT)
-        problems = op.problems()
-        if problems:
-            print(f"\nthe operator logged {len(problems)} tracebacks: see {op.proc.log}")
-        return 1 if missing or problems else 0
+        for op in ops.values():
+            problems = op.problems()
+            if problems:
+                print(f"\n{op.name} logged {len(problems)} tracebacks: see {op.proc.log}")
+                bad = True
+        return 1 if bad else 0
     finally:
-        if op is not None:
-            op.stop()  # first, so that it does not see the fake nodes go silent
+        for op in ops.values():
+            op.stop()  # first, so that they do not see the fake nodes go silent
         if worker is not None:
             worker.close()
         for p in reversed(started):
@@ -142,6 +208,17 @@ def main() -> int:
             print(f"\nlogs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_floor(broker: str, kubeconfig: Path, workdir: Path, nodes: list[str]) -> operator_proc.Operator:
+    port = procs.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIKROM_") and k != "KUBECONFIG"}
+    env.update({"KUBECONFIG": str(kubeconfig), "MIKROM_BROKER_URL": broker, "PYTHONUNBUFFERED": "1",
+                "FLOOR_NODES": ",".join(nodes)})
+    argv = [str(Path(sys.executable).with_name("kopf")), "run", "--standalone", "-n", "floor",
+            "--liveness", f"http://127.0.0.1:{port}/healthz", str(REPO / "bench" / "floor_operator.py")]
+    proc = procs.start("floor-operator", argv, workdir, env=env, cwd=str(workdir))
+    return operator_proc.Operator(proc=proc, liveness_port=port)
 
 
 if __name__ == "__main__":
