@@ -107,6 +107,12 @@ def test_pool_grow_and_pool_shrink_change_the_gevent_pool_size(node_worker):
     assert size() == before
 
 
+def test_pool_restart_is_refused_because_gevent_has_no_pool_to_restart(node_worker):
+    res = node_worker.celery("control", "pool_restart", *_dest(node_worker))
+    assert "Pool restarts not enabled" in res.stdout + res.stderr, res.stdout + res.stderr
+    assert _inspect(node_worker, "ping") == {"ok": "pong"}  # and the worker carries on
+
+
 # ------------------------------------------------------------------------------------ apply_async
 def test_countdown_holds_the_task_as_scheduled_until_it_is_due(node_worker, celery_client, namespace):
     queue = names.node_queue(node_worker.node)
