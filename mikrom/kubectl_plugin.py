@@ -390,6 +390,10 @@ def follow_file(path: Path, follow: bool, out=None, stop=None) -> None:
             except FileNotFoundError:
                 rotated = False
             if rotated:
+                # what the supervisor wrote to the old file before it rotated comes first
+                for rest in iter(lambda: f.read(65536), b""):
+                    out.write(rest)
+                out.flush()
                 f.close()
                 f = open(path, "rb")
                 continue

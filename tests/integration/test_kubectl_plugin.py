@@ -202,3 +202,37 @@ def test_kubectl_finds_the_plugin_on_path(mvms, mikrom_cluster, namespace):
     listing = subprocess.run([kubectl, "mikrom", "list", "--kubeconfig", str(mikrom_cluster.kubeconfig), "-n", namespace],
                              capture_output=True, text=True, env=env, timeout=60)
     assert listing.stdout.splitlines()[1].split()[0] == "viakubectl", listing.stdout + listing.stderr
+
+
+def test_console_prints_and_follows_the_vms_console_log_across_rotation(mvms, mikrom_cluster, namespace, tmp_path):
+    uid = mvms.create("chatty")["metadata"]["uid"]
+    mvms.patch_status("chatty", {"phase": "Running", "node": "this-node"})
+    vm_dir = tmp_path / "state" / "vms" / uid
+    vm_dir.mkdir(parents=True)
+    (vm_dir / "console.log").write_text("Linux version 6.1\nlogin: \n")
+    once = subprocess.run([str(PLUGIN), "--kubeconfig", str(mikrom_cluster.kubeconfig), "-n", namespace, "console",
+                           "chatty", "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
+    assert once.returncode == 0, once.stderr
+    assert once.stdout == "Linux version 6.1\nlogin: \n"
+
+    out = tmp_path / "follow.out"
+    with open(out, "wb") as sink:
+        follower = subprocess.Popen([str(PLUGIN), "--kubeconfig", str(mikrom_cluster.kubeconfig), "-n", namespace,
+                                     "console", "chatty", "-f", "--state-dir", str(tmp_path / "state")], stdout=sink)
+    try:
+        wait_for(lambda: "login:" in out.read_text(), 30, "the console's first lines")
+        with open(vm_dir / "console.log", "a") as log:
+            log.write("before rotation\n")
+        wait_for(lambda: "before rotation" in out.read_text(), 30, "an appended line")
+        # the supervisor's rotation: console.log becomes console.log.1 and starts afresh
+        (vm_dir / "console.log").rename(vm_dir / "console.log.1")
+        (vm_dir / "console.log").write_text("after rotation\n")
+        wait_for(lambda: "after rotation" in out.read_text(), 30, "a line written after the rotation")
+        assert follower.poll() is None
+    finally:
+        follower.kill()
+        follower.wait(10)
+    missing = subprocess.run([str(PLUGIN), "--kubeconfig", str(mikrom_cluster.kubeconfig), "-n", namespace, "console",
+                              "chatty", "--state-dir", str(tmp_path / "elsewhere")], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 1 and "--via-pod" in missing.stderr and "Traceback" not in missing.stderr
