@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test deps venv testbin image images lock unit integration e2e cluster cluster-down crds demo bench clean
+.PHONY: test deps venv testbin image images lock unit integration e2e cluster cluster-down crds demo demo-down bench clean
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -64,6 +64,10 @@ crds: venv
 
 demo: deps
 	$(PY) hack/demo.py
+
+# Stops the demo `make demo` left running: every process it recorded, by PID (hack/demo.py --down).
+demo-down:
+	$(PY) hack/demo.py --down
 
 bench: deps
 	$(PY) bench/dispatch.py
