@@ -163,8 +163,11 @@ class NodeAgent:
             self.first_round.set()
             try:
                 if not api_ok:
-                    if not self.fenced and should_fence(self.last_renewed, lease.boottime(),
-                                                        self.settings.self_fence_after_seconds):
+                    # the supervisors stop their VMMs when the lease runs out; this worker follows a
+                    # little later, for a supervisor that predates the lease or did not manage it
+                    if not self.fenced and self.settings.self_fence_after_seconds > 0 and should_fence(
+                            self.last_renewed, lease.boottime(),
+                            self.settings.self_fence_after_seconds + self.settings.fence_kill_after_seconds + 1):
                         self.fence()
                     self.stopping.wait(self.settings.heartbeat_seconds)
                     continue
@@ -191,9 +194,9 @@ class NodeAgent:
         s = self.settings
         verdict = fencing.decide(api_ok, self.node, self.peers.exchange(api_ok), s.fence_peer_window_seconds)
         if verdict.reason != (self.verdict.reason if self.verdict else None):
-            (log.info if verdict.renew else log.warning)("fence lease of %s: %s (%s)", self.node,
-                                                         "renewing" if verdict.renew else "not renewing",
-                                                         verdict.message)
+            (log.info if verdict.reason == "ApiReachable" else log.warning)(
+                "fence lease of %s: %s, %s (%s)", self.node, "renewing" if verdict.renew else "not renewing",
+                verdict.reason, verdict.message)
         self.verdict = verdict
         ttl, why = s.self_fence_after_seconds, verdict.reason
         if ttl <= 0:
@@ -226,9 +229,9 @@ class NodeAgent:
             self.sync_wanted.clear()
 
     def fence(self) -> None:
-        """Stop every VM on this node: the lease has run out (the operator has not heard from us
-        for too long), so it may already be recreating them elsewhere. The supervisors stop their
-        VMMs by themselves at the same moment; this covers a supervisor that predates the lease."""
+        """Stop every VM on this node: the lease ran out (the operator has not heard from us for
+        too long), so it may already be recreating them elsewhere. The supervisors have stopped
+        their VMMs by themselves by now; this covers a supervisor that predates the lease."""
         self.fenced = True
         runtime = self.ctx.runtime
         uids = local_uids(runtime.vms_dir)
