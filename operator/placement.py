@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from mikrom import names
 
-from .validation import labels_match
+from .validation import format_selector, labels_match
 
 # Phases in which a VM assigned to a node holds that node's capacity: it runs, is about to, or may
 # start again there (Stopped keeps its node). Finished VMs hold nothing.
@@ -35,6 +35,8 @@ class NodeView:
     name: str
     ready: bool
     schedulable: bool = True
+    cordoned_by: str = ""
+    """Why the node's Kubernetes Node (same name) is cordoned, or "" (spec.unschedulable unset)."""
     labels: Mapping[str, str] = field(default_factory=dict)
     capacity_vcpus: int = 0
     capacity_memory_mib: int = 0
@@ -89,6 +91,8 @@ def _why_not(req: Request, n: NodeView) -> str | None:
         return "not Ready"
     if not n.schedulable:
         return "cordoned"
+    if n.cordoned_by:
+        return f"cordoned: {n.cordoned_by}"
     if req.vmm and req.vmm not in n.vmms:
         return f"no {req.vmm}"
     free_cpu = n.capacity_vcpus - n.allocated_vcpus
@@ -131,6 +135,8 @@ def choose(req: Request, nodes: Iterable[NodeView]) -> Choice:
 def _shortage(req: Request, total: int, selected: int, rejected: list[tuple[str, str]], limit: int = 8) -> str:
     want = f"{req.vcpus} vCPU, {req.memory_mib} MiB" + (f", {req.vmm}" if req.vmm else "") + \
            (f", an address from IPPool {req.pool}" if req.pool else "")
+    if selected == 0 and (req.node_name or req.node_selector):
+        return _unmatched(req, total, want)
     if total == 0:
         return f"no MicroVMNode is registered; the VM needs {want}"
     head = f"0/{total} MicroVMNodes can take {want}"
@@ -144,3 +150,16 @@ def _shortage(req: Request, total: int, selected: int, rejected: list[tuple[str,
     if details:
         parts.append(details)
     return head + (": " + "; ".join(parts) if parts else "")
+
+
+def _unmatched(req: Request, total: int, want: str) -> str:
+    """No node is even a candidate: name what is missing (the VM is placed when such a node
+    registers or is relabelled, as a Pod waits for its nodeName or nodeSelector)."""
+    selector = "{" + format_selector(req.node_selector) + "}"
+    if req.node_name and req.node_selector:
+        what = f"no MicroVMNode named {req.node_name} (spec.nodeName) with the labels {selector} (spec.nodeSelector)"
+    elif req.node_name:
+        what = f"no MicroVMNode named {req.node_name} (spec.nodeName) is registered"
+    else:
+        what = f"no MicroVMNode matches spec.nodeSelector {selector}"
+    return f"{what} ({total} registered); the VM needs {want}"

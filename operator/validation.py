@@ -1,8 +1,9 @@
 """Checks of a MicroVM spec that only the operator can make, each naming the offending field.
 
 The API server already enforces the CRD schema and its CEL rules. What it cannot know is the rest
-of the cluster: whether the IPPool exists, whether the pinned MicroVMNode exists, whether any node
-carries the labels asked for. Image paths and URLs are checked again here as well (defence in depth:
+of the cluster: whether the IPPool exists. A `nodeName` with no MicroVMNode or a `nodeSelector` no
+node matches is not a spec error: like a Pod's, the VM waits Pending/Unschedulable until such a
+node registers (placement says what is missing). Image paths and URLs are checked again here as well (defence in depth:
 a CRD installed without its CEL rules must not let a path escape the node's image directory).
 
 Pure functions: the caller passes what it knows of pools and nodes.
@@ -88,8 +89,9 @@ def _image_problems(image: dict) -> list[Problem]:
     return out
 
 
-def validate(spec: dict, pools: Mapping[str, dict], nodes: Mapping[str, dict]) -> list[Problem]:
-    """Everything wrong with `spec`, given the IPPools and MicroVMNodes (name -> object) that exist.
+def validate(spec: dict, pools: Mapping[str, dict], nodes: Mapping[str, dict] | None = None) -> list[Problem]:
+    """Everything wrong with `spec`, given the IPPools (name -> object) that exist. `nodes` is
+    not consulted (placement judges nodeName and nodeSelector) and kept for the callers' sake.
     An empty list means the operator may place the VM."""
     problems = _image_problems(spec.get("image"))
     seen = {p.field for p in problems}
@@ -101,18 +103,4 @@ def validate(spec: dict, pools: Mapping[str, dict], nodes: Mapping[str, dict]) -
         if pool not in pools:
             problems.append(Problem("spec.network.pool", f"IPPool {pool!r} does not exist"))
 
-    node_name = spec.get("nodeName")
-    selector = spec.get("nodeSelector") or {}
-    if node_name and node_name not in nodes:
-        problems.append(Problem("spec.nodeName", f"MicroVMNode {node_name!r} does not exist"))
-    if selector and isinstance(selector, dict):
-        if node_name and node_name in nodes:
-            labels = nodes[node_name].get("metadata", {}).get("labels")
-            if not labels_match(selector, labels):
-                problems.append(Problem("spec.nodeSelector", f"MicroVMNode {node_name!r} (spec.nodeName) does not "
-                                                             f"have the labels {format_selector(selector)}"))
-        elif not node_name and not any(labels_match(selector, n.get("metadata", {}).get("labels"))
-                                       for n in nodes.values()):
-            problems.append(Problem("spec.nodeSelector",
-                                    f"no MicroVMNode has the labels {format_selector(selector)}"))
     return problems

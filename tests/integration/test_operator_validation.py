@@ -102,11 +102,6 @@ def test_every_invalid_manifest_is_refused_or_marked_invalid_naming_the_field(mi
     # the operator's checks: what only the rest of the cluster can tell
     invalid = [
         ("unknown pool", _vm("o1", network={"pool": f"nonexistent-{mvms.label}"}), "spec.network.pool"),
-        ("nodeName of a missing node", _vm("o2", nodeName=f"ghost-{mvms.label}"), "spec.nodeName"),
-        ("nodeSelector nothing matches", _vm("o3", nodeSelector={"test": f"nothing-{mvms.label}"}),
-         "spec.nodeSelector"),
-        ("nodeSelector the pinned node lacks", _vm("o4", nodeName=node, nodeSelector={"tier": "silver"}),
-         "spec.nodeSelector"),
     ]
     for case, body, _ in invalid:
         cp.kubectl("apply", "-n", mvms.ns, "-f", "-", input=yaml.safe_dump(body))
@@ -173,14 +168,3 @@ def test_every_invalid_manifest_is_refused_or_marked_invalid_naming_the_field(mi
         assert len(events) == 1, (name, [e.message for e in events])
     assert op.alive()
     assert not op.problems(), op.problems()
-
-
-def test_invalid_vm_recovers_when_the_cluster_makes_it_valid(mikrom_cluster, operators, worker, mvms):
-    operators()
-    name = f"late-{mvms.label}"
-    mvms.create("pinned", nodeName=name)
-    wait_for(lambda: mvms.status("pinned").get("reason") == names.INVALID_SPEC, 15, "InvalidSpec")
-    assert "spec.nodeName" in mvms.status("pinned")["message"]
-    worker.add_node(name, vcpus=2)  # the worker registers the node after all
-    mvms.wait_phase("pinned", "Running", timeout=15)
-    assert mvms.condition("pinned", names.SCHEDULED)["status"] == "True"

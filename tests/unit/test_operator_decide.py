@@ -80,6 +80,42 @@ def test_an_unschedulable_vm_already_saying_so_writes_nothing():
     assert again.status_patch is None and again.events == ()
 
 
+def _labelled(labels):
+    return (NodeView(name="n1", ready=True, labels=labels, capacity_vcpus=4, capacity_memory_mib=4096),)
+
+
+@pytest.mark.parametrize("spec, missing", [
+    ({"nodeSelector": {"disk": "ssd"}}, "no MicroVMNode matches spec.nodeSelector {disk=ssd}"),
+    ({"nodeName": "later"}, "no MicroVMNode named later (spec.nodeName) is registered"),
+    ({"nodeName": "n1", "nodeSelector": {"disk": "ssd"}},
+     "no MicroVMNode named n1 (spec.nodeName) with the labels {disk=ssd} (spec.nodeSelector)"),
+])
+def test_a_node_selector_or_node_name_no_node_offers_yet_is_pending_unschedulable_not_invalid(spec, missing):
+    d = decide(vm(spec=spec), view(node_views=_labelled({"disk": "hdd"})), NOW, SETTINGS)
+    assert d.status_patch["phase"] == Phase.PENDING.value and d.status_patch["reason"] == names.UNSCHEDULABLE
+    assert d.status_patch["message"].startswith(missing), d.status_patch["message"]
+    cond = d.status_patch["conditions"][0]
+    assert (cond["type"], cond["status"], cond["reason"]) == (names.SCHEDULED, "False", names.UNSCHEDULABLE)
+    assert d.events[0].reason == names.UNSCHEDULABLE and d.events[0].warning and d.messages == ()
+
+
+def test_the_unschedulable_vm_is_placed_once_a_matching_node_appears():
+    spec = {"nodeSelector": {"disk": "ssd"}}
+    first = decide(vm(spec=spec), view(node_views=_labelled({"disk": "hdd"})), NOW, SETTINGS)
+    d = decide(vm(status=dict(first.status_patch), spec=spec), view(node_views=_labelled({"disk": "ssd"})),
+               NOW + 1, SETTINGS)
+    assert d.status_patch["node"] == "n1" and d.status_patch["phase"] == Phase.SCHEDULED.value
+    assert [m.intent for m in d.messages] == [Intent.CREATE]
+
+
+def test_a_node_cordoned_through_its_kubernetes_node_is_not_chosen_and_the_message_says_so():
+    views = (NodeView(name="n1", ready=True, capacity_vcpus=4, capacity_memory_mib=4096,
+                      cordoned_by="Node n1 is cordoned (spec.unschedulable)"),)
+    d = decide(vm(), view(node_views=views), NOW, SETTINGS)
+    assert d.status_patch["reason"] == names.UNSCHEDULABLE
+    assert "n1: cordoned: Node n1 is cordoned (spec.unschedulable)" in d.status_patch["message"]
+
+
 def test_placement_node_and_create_dispatch_are_one_write_then_one_message():
     d = decide(vm(), view(), NOW, SETTINGS)
     p = d.status_patch

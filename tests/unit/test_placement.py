@@ -62,7 +62,7 @@ def test_node_selector_and_node_name_filter_before_capacity():
     assert placement.choose(Request(1, 128, node_selector={"zone": "y"}), nodes).node == "b"
     assert placement.choose(Request(1, 128, node_name="b"), nodes).node == "b"
     none = placement.choose(Request(1, 128, node_selector={"zone": "z"}), nodes)
-    assert none.node is None and "2 not matching spec.nodeSelector" in none.message
+    assert none.node is None and "no MicroVMNode matches spec.nodeSelector {zone=z} (2 registered)" in none.message
     pinned = placement.choose(Request(8, 128, node_name="a"), nodes)
     assert "1 not matching spec.nodeName" in pinned.message and "a: too few free vCPUs" in pinned.message
 
