@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test deps venv testbin image images lock unit integration e2e cluster cluster-down crds demo demo-down bench clean
+.PHONY: test deps venv testbin image images lock unit integration e2e cluster cluster-down crds docs demo demo-down bench clean
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -61,6 +61,12 @@ crds: venv
 	$(PY) -m mikrom.crdgen crds
 	# the chart carries the same CRDs (tests/unit/test_chart.py checks they are byte-identical)
 	cp crds/*.yaml charts/mikrom/crds/
+
+# Generated documentation: the API reference from mikrom/models.py (tests/unit/test_apidoc.py fails
+# on drift) and the architecture diagram from its Graphviz source (tests/unit/test_architecture_diagram.py).
+docs: venv
+	$(PY) -m mikrom.apidoc docs/api.md
+	dot -Tsvg docs/architecture.dot -o docs/architecture.svg
 
 demo: deps
 	$(PY) hack/demo.py
