@@ -61,6 +61,8 @@ crds: venv
 	$(PY) -m mikrom.crdgen crds
 	# the chart carries the same CRDs (tests/unit/test_chart.py checks they are byte-identical)
 	cp crds/*.yaml charts/mikrom/crds/
+	# and the API reference is rendered from the same schemas (tests/unit/test_apidoc.py)
+	$(PY) -m mikrom.apidoc docs/api.md
 
 # Generated documentation: the API reference from mikrom/models.py (tests/unit/test_apidoc.py fails
 # on drift) and the architecture diagram from its Graphviz source (tests/unit/test_architecture_diagram.py).
