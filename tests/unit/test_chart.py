@@ -240,6 +240,8 @@ def test_a_refused_secret_is_named_but_never_echoed(tmp_path, path, value):
     (("redis.enabled=false", "externalRedis.url=redis://r:6379/0"), "externalRedis.existingSecret (or externalRedis.password) is required"),
     (("redis.sentinel.enabled=true", "redis.sentinel.replicas=1"), "redis.sentinel.quorum (2) cannot exceed redis.sentinel.replicas (1)"),
     (("serviceAccount.create=false",), "serviceAccount.operatorName and serviceAccount.workerName are required"),
+    (("worker.stateDir=/tmp/mikrom",), "worker.stateDir (/tmp/mikrom) must not be under /tmp"),
+    (("worker.imageDir=/tmp",), "worker.imageDir (/tmp) must not be under /tmp"),
 ])
 def test_combinations_the_schema_cannot_express_fail_with_a_message_naming_the_values(sets, message):
     argv = ["template", RELEASE, str(CHART)]

@@ -202,6 +202,11 @@ prometheus.io/path: /metrics
 {{- if ge (int .Values.taskSoftTimeLimit) (int .Values.taskTimeLimit) }}
 {{- fail (printf "taskSoftTimeLimit (%v) must be below taskTimeLimit (%v)" .Values.taskSoftTimeLimit .Values.taskTimeLimit) }}
 {{- end }}
+{{- range $name, $dir := dict "worker.stateDir" .Values.worker.stateDir "worker.imageDir" .Values.worker.imageDir "worker.jailer.chrootBase" .Values.worker.jailer.chrootBase }}
+{{- if or (eq (trimSuffix "/" $dir) "/tmp") (hasPrefix "/tmp/" $dir) }}
+{{- fail (printf "%s (%s) must not be under /tmp: the worker's /tmp is an emptyDir that goes with its pod, and the VMs' supervisors would lose their state directory with it" $name $dir) }}
+{{- end }}
+{{- end }}
 {{- if and (not .Values.redis.enabled) (not .Values.externalRedis.url) }}
 {{- fail "externalRedis.url is required when redis.enabled is false" }}
 {{- end }}
