@@ -3,7 +3,7 @@ with the default values and with every option set (charts/mikrom/ci/*.yaml), its
 wrong values naming them, and the rendered manifests have the shape DESIGN.md asks for (security
 contexts, probes, no password in any command line, the worker's node placement and privileges,
 beat's single replica, the PodDisruptionBudget, RBAC equal to deploy/rbac/, ...). Installing it
-on a real cluster is tests/e2e/test_chart_install.py.
+on a real cluster is tests/cluster/test_chart_install.py.
 """
 
 from __future__ import annotations
