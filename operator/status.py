@@ -1,5 +1,6 @@
 """Writing the operator's fields of a MicroVM's status, and recording Events (at most
-`EVENTS_PER_OBJECT_PER_MINUTE` per object).
+`EVENTS_PER_OBJECT_PER_MINUTE` per object; `mikrom.kube.event` counts a repeated one onto the
+existing Event, as the worker's are).
 
 Every write is a JSON merge patch of the operator's own fields on the status subresource. It carries
 the object's uid (a re-created namesake is never written) and its resourceVersion: the conditions

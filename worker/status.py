@@ -5,7 +5,8 @@ Succeeded and node-side Failed, ipAddress, pid, timings, condition Ready...). Ea
 merge patch of those fields only, carrying `metadata.uid` (a recreated namesake is never written)
 and `metadata.resourceVersion`: conditions are a list, which a merge patch replaces whole, so the
 list is recomputed from a fresh read whenever the object changed in between (HTTP 409). A write
-that would change nothing is skipped, so a level-triggered sync costs one GET per VM.
+that would change nothing is skipped, so a level-triggered sync costs one GET per VM. Events go
+through `mikrom.kube.event`, which counts a repeated one onto the existing Event (count, lastTimestamp).
 """
 
 from __future__ import annotations
