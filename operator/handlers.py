@@ -5,6 +5,7 @@
   sees it; create/update/resume and a timer reconcile it (`vms`, which asks `decide`); a delete
   handler holds the finalizer until the node confirms (`vms.finalize`);
 - MicroVMNode: a timer checks the heartbeat and the counts (`nodes`);
+- Node (core): a cordon keeps new VMs off the MicroVMNode of the same name (`cordons`);
 - IPPool: a timer keeps the pool's status current (`pools`);
 - watch events for deletions and capacity changes wake the placement sweep (`scheduler`).
 
@@ -20,7 +21,7 @@ import kopf
 
 from mikrom import metrics, names
 
-from . import nodes, pools, scheduler, startup, vms
+from . import cordons, nodes, pools, scheduler, startup, vms
 from .collector import OperatorCollector
 from .dispatch import DispatchRetry
 from .state import SETTINGS, STATE
@@ -101,6 +102,27 @@ def _place_now(body: dict) -> None:
 async def microvmnode_event(event, body, **_):
     if event["type"] == "DELETED":
         STATE.forget_node(body["metadata"]["name"])
+
+
+# Kubernetes Nodes: a cordon (spec.unschedulable) keeps new VMs off the MicroVMNode of that name.
+# An index, so no VM is placed before the cordons are known; an uncordon wakes the Pending VMs.
+CORE_NODES = ("v1", "nodes")
+
+
+@kopf.index(*CORE_NODES)
+async def node_index(body, **_):
+    if cordons.observe(body):
+        STATE.wake()
+
+
+@kopf.on.event(*CORE_NODES)
+async def node_event(event, body, **_):
+    if event["type"] == "DELETED":
+        changed = cordons.forget(body["metadata"]["name"])
+    else:
+        changed = cordons.observe(body)
+    if changed:
+        STATE.wake()
 
 
 @kopf.on.event(*POOLS)

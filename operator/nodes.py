@@ -1,6 +1,7 @@
 """MicroVMNodes at work: each node's periodic check writes its Ready condition and status counts
-(judged by the pure `health` module) and, when its health changes, reconciles its VMs (Unknown
-while it is lost, reachable again when it returns, rescheduled past the self-fence margin).
+(judged by the pure `health` module) and condition NodeCordoned (its Kubernetes Node's cordon, from
+`cordons`), and, when its health changes, reconciles its VMs (Unknown while it is lost, reachable
+again when it returns, rescheduled past the self-fence margin).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 
 from mikrom import conditions, kube, names
 
-from . import vms
+from . import cordons, vms
 from .health import UNREACHABLE_EXEMPT, health, status_patch
 from .state import SETTINGS, STATE
 from .status import emit
@@ -35,6 +36,7 @@ def reconcile(body: dict) -> None:
     h = health(node, time.time(), SETTINGS.node_lost_after_seconds)
     was = conditions.get((node.get("status") or {}).get("conditions"), names.READY)
     patch = status_patch(node, STATE.allocated().get(name, (0, 0, 0)), h)
+    patch = _cordon_condition(node, patch)
     if patch:
         result = kube.patch_node_status(name, patch)
         if result is not None:
@@ -61,6 +63,24 @@ def reconcile(body: dict) -> None:
                 log.warning("node %s: could not update MicroVM %s/%s: %s", name, vm["metadata"].get("namespace"),
                             vm["metadata"].get("name"), exc)
     _maybe_prune()
+
+
+def _cordon_condition(node: dict, patch: dict | None) -> dict | None:
+    """Add condition NodeCordoned to the node's status patch when the Kubernetes Node of the same
+    name is cordoned, or was (then False); record an Event when it turns."""
+    name = node["metadata"]["name"]
+    why = cordons.why(name)
+    current = (patch or {}).get("conditions", (node.get("status") or {}).get("conditions"))
+    if not why and conditions.get(current, cordons.CONDITION) is None:
+        return patch
+    text = f"{why}: no new MicroVMs are placed here; running ones stay" if why else \
+        f"Node {name} is schedulable again"
+    new, changed = conditions.set_condition(current, cordons.CONDITION, bool(why),
+                                            "NodeUnschedulable" if why else "NodeSchedulable", text)
+    if not changed:
+        return patch
+    emit(node, cordons.CONDITION if why else "NodeUncordoned", text)
+    return {**(patch or {}), "conditions": new}
 
 
 def _maybe_prune() -> None:

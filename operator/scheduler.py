@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from . import ipam, placement, pools
+from . import cordons, ipam, placement, pools
 from .decide import Placement
 from .health import health
 from .state import SETTINGS, STATE, Reservation
@@ -42,6 +42,7 @@ def node_views(req: placement.Request) -> tuple[placement.NodeView, ...]:
             name=name,
             ready=health(node, now, SETTINGS.node_lost_after_seconds).ready,
             schedulable=spec.get("schedulable", True) is not False,
+            cordoned_by=cordons.why(name),
             labels=(node.get("metadata") or {}).get("labels") or {},
             capacity_vcpus=int(capacity.get("vcpus") or 0),
             capacity_memory_mib=int(capacity.get("memoryMiB") or 0),
