@@ -90,6 +90,14 @@ class Settings:
     reschedule_margin_seconds: float = 30.0
     """Margin past `selfFenceAfterSeconds` before a lost node's VMs are placed elsewhere (clock
     skew, the worker's heartbeat period)."""
+    # operator: brake on mass eviction
+    reschedule_max_lost_fraction: float = 0.5
+    """Hold all rescheduling while more than this share of the MicroVMNodes is lost at once (1 of 2
+    is not more than 0.5, so a two-node cluster still fails over); the VMs stay Unknown with
+    condition ReschedulingHeld."""
+    reschedule_max_lost_nodes: int = 0
+    """Also hold rescheduling while more than this many MicroVMNodes are lost at once (0: no
+    absolute limit)."""
     max_dispatch_attempts: int = 4
     """Dispatches of one intent before the VM is marked Failed (reason NoProgress)."""
     dispatch_backoff_seconds: float = 5.0

@@ -34,6 +34,11 @@ from . import health, lifecycle, placement, validation
 
 TASK_ID_NAMESPACE = uuid.UUID("6f1c1f5e-3a55-4c36-9d0c-6d2a4f0b7a11")
 
+# Conditions of a lost node's VM: rescheduling held by the mass-eviction brake, and a disk reset
+# by a reschedule (the new node starts from a fresh copy of the image).
+RESCHEDULING_HELD = "ReschedulingHeld"
+DISK_RESET, DISK_RESET_REASON = "DiskReset", "Rescheduled"
+
 # What the lost node's worker reported about the VM; the new node's worker writes its own.
 NODE_FIELDS = ("ipAddress", "macAddress", "pid", "startedAt", "bootSeconds", "vmm", "activeShape", "dispatch",
                "finishedAt", "cleanedUpAt")
@@ -45,6 +50,9 @@ class ClusterView:
 
     nodes: Mapping[str, dict] = field(default_factory=dict)
     """MicroVMNode name -> object."""
+    beats: Mapping[str, float] = field(default_factory=dict)
+    """MicroVMNode name -> when the operator first observed its current heartbeat value (its own
+    clock; `heartbeats`): heartbeat ages are judged from this, never from the worker's timestamp."""
     pools: Mapping[str, dict] = field(default_factory=dict)
     """IPPool name -> object."""
     node_views: tuple[placement.NodeView, ...] = ()
@@ -227,17 +235,25 @@ def follow(vm: Mapping, view: ClusterView, now: float, settings: Settings) -> De
     st = _status(vm)
     node = st["node"]
     node_obj = view.nodes.get(node)
-    h = health.health(node_obj, now, settings.node_lost_after_seconds)
+    h = health.health(node_obj, now, settings.node_lost_after_seconds, view.beats.get(node))
     if not h.ready:
         gone = health.reschedule_due(vm, node_obj, now, settings.self_fence_after_seconds,
-                                     settings.reschedule_margin_seconds) if settings.reschedule_lost_vms else None
+                                     settings.reschedule_margin_seconds, view.beats.get(node)) \
+            if settings.reschedule_lost_vms else None
         if gone is not None:
-            return _evict(vm, node, gone, now, settings)
+            held = health.brake(*health.lost_share(view.nodes, view.beats, now, settings.node_lost_after_seconds,
+                                                   also_lost=node),
+                                settings.reschedule_max_lost_fraction, settings.reschedule_max_lost_nodes)
+            if held is None:
+                return _evict(vm, node, gone, now, settings)
+            return _held(vm, node, h, held, now)
         return _unreachable(vm, node, h, now)
 
     patch: dict = {}
     events: list[Event] = []
     reach = conditions.get(st.get("conditions"), names.NODE_REACHABLE)
+    if conditions.is_true(st.get("conditions"), RESCHEDULING_HELD):
+        _set_cond(st, patch, RESCHEDULING_HELD, False, names.NODE_RECOVERED, f"MicroVMNode {node} is Ready again", now)
     if reach is not None and _set_cond(st, patch, names.NODE_REACHABLE, True, names.NODE_RECOVERED,
                                        f"MicroVMNode {node} is Ready again", now):
         events.append(Event(names.NODE_RECOVERED, f"MicroVMNode {node} is Ready again; its worker re-reports the VM"))
@@ -308,6 +324,20 @@ def _unreachable(vm: Mapping, node: str, h: health.Health, now: float) -> Decisi
     return Decision(status_patch=patch, events=events)
 
 
+def _held(vm: Mapping, node: str, h: health.Health, why: str, now: float) -> Decision:
+    """A VM due to move whose rescheduling the brake holds: Unknown as any lost node's VM, with
+    condition ReschedulingHeld saying why and one Warning event when it turns True."""
+    d = _unreachable(vm, node, h, now)
+    st = _status(vm)
+    patch = dict(d.status_patch or {})
+    if "conditions" in patch:
+        st["conditions"] = patch["conditions"]
+    message = f"not placing the VM elsewhere: {why}; it waits for MicroVMNode {node} to return"
+    if not _set_cond(st, patch, RESCHEDULING_HELD, True, RESCHEDULING_HELD, message, now):
+        return d
+    return replace(d, status_patch=patch, events=d.events + (Event(RESCHEDULING_HELD, message, warning=True),))
+
+
 def _evict(vm: Mapping, node: str, gone: float, now: float, settings: Settings) -> Decision:
     """Take the VM off its lost node in one write; the next decision places it again."""
     st = _status(vm)
@@ -320,9 +350,16 @@ def _evict(vm: Mapping, node: str, gone: float, now: float, settings: Settings) 
     conds, _ = conditions.set_condition(conds, names.SCHEDULED, False, names.RESCHEDULING, message,
                                         meta_generation(vm), at=at)
     conds, _ = conditions.set_condition(conds, names.READY, False, names.RESCHEDULING, message, at=at)
+    if conditions.get(conds, RESCHEDULING_HELD) is not None:
+        conds, _ = conditions.set_condition(conds, RESCHEDULING_HELD, False, names.RESCHEDULING, message, at=at)
+    # the disk does not travel: the new node boots a fresh copy of the image (docs/protocol.md)
+    reset = (f"the VM's disk was reset: MicroVMNode {node} kept its copy, the new node starts from a fresh "
+             f"copy of the VM's image")
+    conds, _ = conditions.set_condition(conds, DISK_RESET, True, DISK_RESET_REASON, reset, meta_generation(vm), at=at)
     patch = {"phase": Phase.PENDING.value, "node": None, "reason": names.RESCHEDULING, "message": message,
              "conditions": conds, **{f: None for f in NODE_FIELDS if f in st}}
-    return Decision(status_patch=patch, events=(Event(names.RESCHEDULING, message, warning=True),),
+    return Decision(status_patch=patch, events=(Event(names.RESCHEDULING, message, warning=True),
+                                                Event(DISK_RESET, reset, warning=True)),
                     requeue_after=0.0, release=True, metric="reschedule")
 
 
@@ -338,7 +375,7 @@ def finalize(vm: Mapping, view: ClusterView, now: float, settings: Settings) -> 
         return Decision(finalizer_remove=True,
                         events=(Event("Deleted", f"MicroVMNode {node} removed the VM, its tap and its files"),))
     send = _delete_dispatch(vm, view, now, settings)
-    h = health.health(view.nodes.get(node), now, settings.node_lost_after_seconds)
+    h = health.health(view.nodes.get(node), now, settings.node_lost_after_seconds, view.beats.get(node))
     forced = names.ANNOTATION_FORCE_DELETE in (_meta(vm).get("annotations") or {})
     started = conditions.parse_time(_meta(vm)["deletionTimestamp"]).timestamp()
     left = settings.delete_wait_seconds - (now - started)

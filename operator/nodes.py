@@ -12,6 +12,7 @@ import time
 from mikrom import conditions, kube, names
 
 from . import cordons, vms
+from .heartbeats import BEATS
 from .health import UNREACHABLE_EXEMPT, health, status_patch
 from .state import SETTINGS, STATE
 from .status import emit
@@ -33,7 +34,8 @@ def reconcile(body: dict) -> None:
     STATE.observe_node(body)
     STATE.touch("node", name)
     node = STATE.node(name) or body
-    h = health(node, time.time(), SETTINGS.node_lost_after_seconds)
+    now = time.time()
+    h = health(node, now, SETTINGS.node_lost_after_seconds, BEATS.observe(node, now))
     was = conditions.get((node.get("status") or {}).get("conditions"), names.READY)
     patch = status_patch(node, STATE.allocated().get(name, (0, 0, 0)), h)
     patch = _cordon_condition(node, patch)

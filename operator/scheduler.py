@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 from . import cordons, ipam, placement, pools
 from .decide import Placement
 from .health import health
+from .heartbeats import BEATS
 from .state import SETTINGS, STATE, Reservation
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def node_views(req: placement.Request) -> tuple[placement.NodeView, ...]:
             free = ipam.guests_per_block(ipam.network(block).prefixlen) - STATE.addresses_on(name)
         out.append(placement.NodeView(
             name=name,
-            ready=health(node, now, SETTINGS.node_lost_after_seconds).ready,
+            ready=health(node, now, SETTINGS.node_lost_after_seconds, BEATS.observe(node, now)).ready,
             schedulable=spec.get("schedulable", True) is not False,
             cordoned_by=cordons.why(name),
             labels=(node.get("metadata") or {}).get("labels") or {},

@@ -17,6 +17,7 @@ import time
 from mikrom import metrics
 
 from . import dispatch, placement, scheduler
+from .heartbeats import BEATS
 from .decide import ClusterView, Decision, decide
 from .dispatch import DispatchRetry
 from .state import SETTINGS, STATE
@@ -31,8 +32,9 @@ def _view(vm: dict, retry: int, with_placement: bool) -> ClusterView:
     uid = vm["metadata"]["uid"]
     failure = STATE.failure(uid)
     held = STATE.reservation(uid)
+    nodes = STATE.nodes()
     return ClusterView(
-        nodes=STATE.nodes(), pools=STATE.pools(),
+        nodes=nodes, beats=BEATS.observe_all(nodes, time.time()), pools=STATE.pools(),
         node_views=scheduler.node_views(placement.request_of(vm.get("spec") or {}))
         if with_placement and held is None else (),
         reserved=held.node if held is not None else None,

@@ -7,13 +7,14 @@ status patch, messages, events and finalizer/requeue verdict out.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 
-from mikrom import names
+from mikrom import conditions, names
 from mikrom.names import Intent, Phase
 from mikrom.operator import lifecycle
-from mikrom.operator.decide import ClusterView, decide, rfc3339
+from mikrom.operator.decide import DISK_RESET, DISK_RESET_REASON, RESCHEDULING_HELD, ClusterView, decide, rfc3339
 from mikrom.operator.placement import NodeView
 from mikrom.settings import Settings
 
@@ -47,6 +48,9 @@ def view(nodes=None, **kw):
     views = tuple(NodeView(name=n, ready=True, capacity_vcpus=4, capacity_memory_mib=4096, pool=None,
                            can_carve=True) for n in nodes)
     kw.setdefault("node_views", views)
+    # an operator that observed each node's heartbeat value change when the worker wrote it
+    kw.setdefault("beats", {n: conditions.parse_time(o["status"]["lastHeartbeatTime"]).timestamp()
+                            for n, o in nodes.items() if (o.get("status") or {}).get("lastHeartbeatTime")})
     return ClusterView(nodes=nodes, pools={"default": {"spec": {"cidr": "10.200.0.0/16"}}}, **kw)
 
 
@@ -170,22 +174,117 @@ def test_a_vm_already_unknown_on_a_lost_node_writes_nothing_more():
 
 def test_past_self_fence_plus_margin_the_vm_is_taken_off_its_node_to_be_placed_again():
     st = placed(phase="Unknown", ipAddress="10.0.0.5", pid=42)
-    d = decide(vm(status=st), view(nodes={"n1": node(beat_age=91)}), NOW, SETTINGS)
+    d = decide(vm(status=st), view(nodes={"n1": node(beat_age=91), "n2": node("n2")}), NOW, SETTINGS)
     p = d.status_patch
     assert (p["phase"], p["node"], p["reason"]) == (Phase.PENDING.value, None, names.RESCHEDULING)
     assert p["ipAddress"] is None and p["pid"] is None and p["dispatch"] is None
-    assert {c["type"]: c["status"] for c in p["conditions"]} == {names.SCHEDULED: "False", names.READY: "False"}
+    assert {c["type"]: c["status"] for c in p["conditions"]} == {names.SCHEDULED: "False", names.READY: "False",
+                                                                 DISK_RESET: "True"}
     assert d.requeue_after == 0.0 and d.events[0].reason == names.RESCHEDULING and d.metric == "reschedule"
 
 
 def test_the_rescheduled_vm_is_placed_on_another_node_at_the_next_decision():
-    evicted = decide(vm(status=placed(phase="Unknown")), view(nodes={"n1": node(beat_age=91)}), NOW, SETTINGS)
+    evicted = decide(vm(status=placed(phase="Unknown")), view(nodes={"n1": node(beat_age=91), "n2": node("n2")}),
+                     NOW, SETTINGS)
     st = {k: v for k, v in {**placed(phase="Unknown"), **evicted.status_patch}.items() if v is not None}
     nodes = {"n1": node(beat_age=91), "n2": node("n2")}
     d = decide(vm(status=st), view(nodes=nodes, node_views=(NodeView("n2", ready=True, capacity_vcpus=4,
                                                                              capacity_memory_mib=4096),)), NOW,
                SETTINGS)
     assert d.status_patch["node"] == "n2" and d.messages[0].intent is Intent.CREATE
+
+
+# ---------------------------------------------------------------------------- heartbeats by the operator's clock
+
+@pytest.mark.parametrize("skew", [-300.0, 300.0])
+def test_a_node_whose_clock_is_off_but_whose_heartbeat_keeps_changing_is_ready(skew):
+    # the worker's timestamp is 5 minutes off; the operator saw it change 1 s ago
+    nodes = {"n1": node(beat_age=-skew)}
+    d = decide(vm(status=placed()), view(nodes=nodes, beats={"n1": NOW - 1}, delivered="t1"), NOW, SETTINGS)
+    assert "phase" not in (d.status_patch or {}) and d.events == ()
+
+
+def test_a_heartbeat_from_the_future_that_stops_changing_is_no_heartbeat():
+    nodes = {"n1": node(beat_age=-300)}  # it reads 5 minutes ahead, but it has not changed for 50 s
+    d = decide(vm(status=placed()), view(nodes=nodes, beats={"n1": NOW - 50}, delivered="t1"), NOW, SETTINGS)
+    assert (d.status_patch["phase"], d.status_patch["reason"]) == (Phase.UNKNOWN.value, names.NODE_LOST)
+
+
+def test_rescheduling_counts_from_when_the_operator_saw_the_last_heartbeat_not_from_its_timestamp():
+    nodes = {"n1": node(beat_age=3600), "n2": node("n2")}  # the timestamp is an hour old, seen 50 s ago
+    d = decide(vm(status=placed(phase="Unknown")), view(nodes=nodes, beats={"n1": NOW - 50, "n2": NOW}), NOW,
+               SETTINGS)
+    assert "node" not in (d.status_patch or {}), "50 s is short of selfFenceAfterSeconds plus the margin"
+    d = decide(vm(status=placed(phase="Unknown")), view(nodes=nodes, beats={"n1": NOW - 91, "n2": NOW}), NOW,
+               SETTINGS)
+    assert d.status_patch["node"] is None and d.status_patch["reason"] == names.RESCHEDULING
+
+
+def test_a_node_whose_heartbeat_the_operator_has_not_observed_is_not_ready():
+    d = decide(vm(status=placed()), view(nodes={"n1": node()}, beats={}, delivered="t1"), NOW, SETTINGS)
+    assert d.status_patch["phase"] == Phase.UNKNOWN.value
+
+
+# ---------------------------------------------------------------------------- the brake on mass eviction
+
+def lost_cluster(lost: int, total: int) -> dict:
+    return {f"n{i}": node(f"n{i}", beat_age=91 if i <= lost else 1.0) for i in range(1, total + 1)}
+
+
+@pytest.mark.parametrize("lost,total,moves", [
+    (1, 3, True), (2, 3, False), (3, 3, False),
+    (1, 2, True),  # half of the nodes is not more than rescheduleMaxLostFraction 0.5: two nodes fail over
+    (1, 1, False),  # the only node: all of them (and nowhere to go)
+    (2, 4, True), (3, 4, False),
+])
+def test_rescheduling_is_held_while_more_than_the_share_of_nodes_is_lost(lost, total, moves):
+    d = decide(vm(status=placed(phase="Unknown")), view(nodes=lost_cluster(lost, total)), NOW, SETTINGS)
+    assert (d.status_patch is not None and d.status_patch.get("reason") == names.RESCHEDULING) is moves
+    if not moves:
+        held = next(c for c in d.status_patch["conditions"] if c["type"] == RESCHEDULING_HELD)
+        assert held["status"] == "True" and f"{lost} of {total} MicroVMNodes" in held["message"]
+        [event] = [e for e in d.events if e.reason == RESCHEDULING_HELD]
+        assert event.warning and "rescheduleMaxLostFraction (0.5)" in event.message and d.messages == ()
+
+
+def test_an_absolute_limit_of_lost_nodes_holds_rescheduling_too():
+    settings = replace(SETTINGS, reschedule_max_lost_nodes=1)
+    d = decide(vm(status=placed(phase="Unknown")), view(nodes=lost_cluster(2, 10)), NOW, settings)
+    assert "node" not in d.status_patch and "rescheduleMaxLostNodes (1)" in d.events[0].message
+
+
+def test_a_held_vm_says_so_once():
+    first = decide(vm(status=placed()), view(nodes=lost_cluster(2, 3)), NOW, SETTINGS)
+    st = {**placed(), **first.status_patch}
+    assert [e.reason for e in first.events] == [names.NODE_LOST, RESCHEDULING_HELD]
+    again = decide(vm(status=st), view(nodes=lost_cluster(2, 3)), NOW + 5, SETTINGS)
+    assert again.status_patch is None and again.events == ()
+
+
+def test_a_held_vm_moves_once_the_other_nodes_return_and_stays_when_its_own_does():
+    held = decide(vm(status=placed(phase="Unknown")), view(nodes=lost_cluster(2, 3)), NOW, SETTINGS)
+    st = {**placed(phase="Unknown"), **held.status_patch}
+    moved = decide(vm(status=st), view(nodes=lost_cluster(1, 3)), NOW, SETTINGS)
+    assert moved.status_patch["reason"] == names.RESCHEDULING
+    assert {c["type"]: c["status"] for c in moved.status_patch["conditions"]}[RESCHEDULING_HELD] == "False"
+    back = decide(vm(status=st), view(nodes=lost_cluster(0, 3), delivered="t1"), NOW, SETTINGS)
+    assert {c["type"]: c["status"] for c in back.status_patch["conditions"]}[RESCHEDULING_HELD] == "False"
+
+
+# ---------------------------------------------------------------------------- the disk of a rescheduled VM
+
+def test_a_rescheduled_vm_is_marked_disk_reset_with_an_event_saying_so():
+    d = decide(vm(status=placed(phase="Unknown")), view(nodes=lost_cluster(1, 2)), NOW, SETTINGS)
+    reset = next(c for c in d.status_patch["conditions"] if c["type"] == DISK_RESET)
+    assert (reset["status"], reset["reason"]) == ("True", DISK_RESET_REASON)
+    [event] = [e for e in d.events if e.reason == DISK_RESET]
+    assert event.warning and "fresh copy of the VM's image" in event.message and "n1" in event.message
+    # and it stays through the placement on the new node
+    st = {k: v for k, v in {**placed(phase="Unknown"), **d.status_patch}.items() if v is not None}
+    placed_again = decide(vm(status=st), view(nodes=lost_cluster(1, 2), node_views=(
+        NodeView("n2", ready=True, capacity_vcpus=4, capacity_memory_mib=4096),)), NOW, SETTINGS)
+    assert placed_again.status_patch["node"] == "n2"
+    assert {c["type"]: c["status"] for c in placed_again.status_patch["conditions"]}[DISK_RESET] == "True"
 
 
 @pytest.mark.parametrize("spec", [{"nodeName": "n1"}, {"runStrategy": "Once"}, {"runStrategy": "Halted"}])

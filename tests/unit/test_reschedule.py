@@ -35,8 +35,14 @@ def vm(run="Always", phase="Unknown", node_name=None, deleting=False, unreachabl
     return {"metadata": meta, "spec": spec, "status": status}
 
 
+def seen(n):
+    """When an operator that saw the heartbeat as it was written first observed it."""
+    beat = ((n or {}).get("status") or {}).get("lastHeartbeatTime")
+    return conditions.parse_time(beat).timestamp() if beat else None
+
+
 def due(v, n):
-    return nodes.reschedule_due(v, n, NOW, FENCE, MARGIN)
+    return nodes.reschedule_due(v, n, NOW, FENCE, MARGIN, seen(n))
 
 
 @pytest.mark.parametrize("run", ["Always", "RerunOnFailure", None])
@@ -60,7 +66,7 @@ def test_without_a_node_object_the_time_since_the_vm_became_unreachable_counts()
     assert due(vm(unreachable_ago=10), None) is None
     assert due(vm(unreachable_ago=FENCE + MARGIN + 1), None) == pytest.approx(FENCE + MARGIN + 1)
     assert due(vm(), None) is None, "nothing says how long: wait"
-    assert nodes.lost_for(node(None), vm(unreachable_ago=5)["status"], NOW) == pytest.approx(5)
+    assert nodes.lost_for(node(None), vm(unreachable_ago=5)["status"], NOW, None) == pytest.approx(5)
 
 
 def test_times_parse_as_the_api_server_writes_them():
