@@ -274,6 +274,7 @@ def test_deleting_the_worker_pod_and_upgrading_the_release_keep_the_vm_running(r
 
     (before,) = release.pods("worker")
     password = _flower_login(release)
+    broker = _redis_password(release)
     release.helm("upgrade", release.name, str(CHART), "-n", release.namespace, "-f", str(release.values),
                  "--set", "worker.podAnnotations.example\\.com/upgraded=yes", "--wait", "--timeout", INSTALL_TIMEOUT)
     (after,) = release.pods("worker")
@@ -281,6 +282,7 @@ def test_deleting_the_worker_pod_and_upgrading_the_release_keep_the_vm_running(r
     assert after["metadata"]["annotations"].get("example.com/upgraded") == "yes"
     assert _alive(pid), "the VMM died in the upgrade"
     assert _flower_login(release) == password, "the upgrade kept Flower's generated password"
+    assert _redis_password(release) == broker, "the upgrade kept the broker's password"
     vm = release.vm("hello")
     assert vm["status"]["pid"] == pid and vm["status"]["phase"] == "Running"
     _assert_in_own_group(release, pid, vm["metadata"]["uid"], vm["spec"]["vcpus"], vm["spec"]["memoryMiB"])
@@ -369,6 +371,12 @@ def _get(release, path: str, auth: tuple[str, str] | None = None) -> int | None:
             return resp.status
     except OSError as exc:
         return getattr(exc, "code", None)
+
+
+def _redis_password(release) -> str:
+    name = "broker" if release.external_redis else f"{release.name}-mikrom-redis"
+    data = json.loads(release.kubectl("get", "secret", name, "-n", release.namespace, "-o", "json").stdout)["data"]
+    return base64.b64decode(data["redis-password"]).decode()
 
 
 def _flower_login(release) -> tuple[str, str]:
