@@ -35,7 +35,8 @@ def reconcile(body: dict) -> None:
     STATE.touch("node", name)
     node = STATE.node(name) or body
     now = time.time()
-    h = health(node, now, SETTINGS.node_lost_after_seconds, BEATS.observe(node, now))
+    lost_after = SETTINGS.node_lost_after_seconds
+    h = health(node, now, lost_after, BEATS.observe(node, now, lost_after))
     was = conditions.get((node.get("status") or {}).get("conditions"), names.READY)
     patch = status_patch(node, STATE.allocated().get(name, (0, 0, 0)), h)
     patch = _cordon_condition(node, patch)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 def node_views(req: placement.Request) -> tuple[placement.NodeView, ...]:
     """Every node as placement sees it for `req` (call with `STATE.placement_lock` held)."""
     now = time.time()
+    lost_after = SETTINGS.node_lost_after_seconds
     allocated = STATE.allocated()
     carvable = pools.can_carve(req.pool) if req.pool else False
     out = []
@@ -41,7 +42,7 @@ def node_views(req: placement.Request) -> tuple[placement.NodeView, ...]:
             free = ipam.guests_per_block(ipam.network(block).prefixlen) - STATE.addresses_on(name)
         out.append(placement.NodeView(
             name=name,
-            ready=health(node, now, SETTINGS.node_lost_after_seconds, BEATS.observe(node, now)).ready,
+            ready=health(node, now, lost_after, BEATS.observe(node, now, lost_after)).ready,
             schedulable=spec.get("schedulable", True) is not False,
             cordoned_by=cordons.why(name),
             labels=(node.get("metadata") or {}).get("labels") or {},

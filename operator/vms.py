@@ -34,7 +34,8 @@ def _view(vm: dict, retry: int, with_placement: bool) -> ClusterView:
     held = STATE.reservation(uid)
     nodes = STATE.nodes()
     return ClusterView(
-        nodes=nodes, beats=BEATS.observe_all(nodes, time.time()), pools=STATE.pools(),
+        nodes=nodes, beats=BEATS.observe_all(nodes, time.time(), SETTINGS.node_lost_after_seconds),
+        pools=STATE.pools(),
         node_views=scheduler.node_views(placement.request_of(vm.get("spec") or {}))
         if with_placement and held is None else (),
         reserved=held.node if held is not None else None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 import concurrent.futures
+import datetime as _dt
 import ipaddress
 import logging
 import socket
@@ -57,6 +58,8 @@ class FakeNode:
     delete_delay: float = 0.0
     """Seconds between a delete task and the confirmation (status.cleanedUpAt)."""
     heartbeating: threading.Event = field(default_factory=threading.Event)
+    clock_offset: float = 0.0
+    """Seconds this node's clock is off (its heartbeat timestamps read that much later or earlier)."""
     running: dict = field(default_factory=dict)  # uid -> (namespace, name)
     addresses: dict = field(default_factory=dict)  # uid -> guest address
 
@@ -85,8 +88,10 @@ class FakeWorker:
     # ------------------------------------------------------------------ nodes
 
     def add_node(self, name: str, vcpus: int = 4, memory_mib: int = 8192, labels: dict | None = None,
-                 vmms=("qemu",), answering: bool = True, delete_delay: float = 0.0) -> FakeNode:
-        node = FakeNode(name, vcpus, memory_mib, dict(labels or {}), tuple(vmms), answering, delete_delay)
+                 vmms=("qemu",), answering: bool = True, delete_delay: float = 0.0,
+                 clock_offset: float = 0.0) -> FakeNode:
+        node = FakeNode(name, vcpus, memory_mib, dict(labels or {}), tuple(vmms), answering, delete_delay,
+                        clock_offset=clock_offset)
         body = {"apiVersion": names.API_VERSION, "kind": "MicroVMNode",
                 "metadata": {"name": name, "labels": {names.LABEL_KVM: "true", **node.labels}},
                 "spec": {"schedulable": True}}
@@ -107,7 +112,8 @@ class FakeWorker:
         self._rereport(node)
 
     def _beat(self, node: FakeNode, full: bool = False) -> None:
-        status = {"lastHeartbeatTime": conditions.now()}
+        beat = _dt.datetime.fromtimestamp(time.time() + node.clock_offset, _dt.timezone.utc)
+        status = {"lastHeartbeatTime": beat.strftime("%Y-%m-%dT%H:%M:%SZ")}  # by the node's own clock
         if full:
             status.update(capacity={"vcpus": node.vcpus, "memoryMiB": node.memory_mib}, vmms=list(node.vmms),
                           defaultVmm=node.vmms[0], kvm=False, workerVersion="fake")

@@ -40,19 +40,34 @@ def test_the_age_is_the_operators_not_the_workers(skew):
 def test_after_a_restart_every_node_counts_as_seen_now_and_a_frozen_heartbeat_ages():
     beats = Beats()  # a fresh process: a heartbeat written an hour ago (or frozen) is not lost at once
     old = node(beat=rfc3339(NOW - 3600))
-    assert beats.observe(old, NOW) == NOW
-    assert health.health(old, NOW, LOST_AFTER, beats.observe(old, NOW)).ready
-    assert beats.observe(old, NOW + 41) == NOW, "the same value again is no heartbeat"
-    assert not health.health(old, NOW + 41, LOST_AFTER, beats.observe(old, NOW + 41)).ready
+    assert beats.observe(old, NOW, LOST_AFTER) == NOW
+    assert health.health(old, NOW, LOST_AFTER, beats.observe(old, NOW, LOST_AFTER)).ready
+    assert beats.observe(old, NOW + 41, LOST_AFTER) == NOW, "the same value again is no heartbeat"
+    assert not health.health(old, NOW + 41, LOST_AFTER, beats.observe(old, NOW + 41, LOST_AFTER)).ready
     fresh = node(beat=rfc3339(NOW - 3599))
-    assert beats.observe(fresh, NOW + 42) == NOW + 42
+    assert beats.observe(fresh, NOW + 42, LOST_AFTER) == NOW + 42
+
+
+def test_after_a_restart_a_node_already_marked_lost_stays_lost_until_its_heartbeat_changes():
+    marked = {"type": names.READY, "status": "False", "reason": names.NODE_LOST,
+              "lastTransitionTime": rfc3339(NOW - 100)}
+    lost = {**node(beat=rfc3339(NOW - 3600)), "status": {"lastHeartbeatTime": rfc3339(NOW - 3600),
+                                                          "conditions": [marked]}}
+    beats = Beats()
+    at = beats.observe(lost, NOW, LOST_AFTER)
+    assert at == NOW - 100 - LOST_AFTER, "lost as long as the previous process counted"
+    assert not health.health(lost, NOW, LOST_AFTER, at).ready
+    beaten = {**lost, "status": {**lost["status"], "lastHeartbeatTime": rfc3339(NOW - 3599)}}
+    assert health.health(beaten, NOW + 1, LOST_AFTER, beats.observe(beaten, NOW + 1, LOST_AFTER)).ready
+    other = {**lost, "status": {**lost["status"], "conditions": [{**marked, "reason": "NoHeartbeat"}]}}
+    assert Beats().observe(other, NOW, LOST_AFTER) == NOW
 
 
 def test_nodes_no_longer_there_are_forgotten_and_nodes_without_a_heartbeat_have_no_time():
     beats = Beats()
-    assert beats.observe_all({"a": node("a", "x"), "b": node("b")}, NOW) == {"a": NOW}
-    assert beats.observe_all({}, NOW + 1) == {}
-    assert beats.observe_all({"a": node("a", "x")}, NOW + 2) == {"a": NOW + 2}, "seen again as new"
+    assert beats.observe_all({"a": node("a", "x"), "b": node("b")}, NOW, LOST_AFTER) == {"a": NOW}
+    assert beats.observe_all({}, NOW + 1, LOST_AFTER) == {}
+    assert beats.observe_all({"a": node("a", "x")}, NOW + 2, LOST_AFTER) == {"a": NOW + 2}, "seen again as new"
 
 
 def test_the_brake_holds_only_above_the_share_or_the_count():
