@@ -39,19 +39,9 @@ def write_vm(current: dict, patch: dict) -> dict | None:
     """Write `patch` onto the MicroVM's status, on the version `current` was read at. Returns the
     object as written, or None when it is gone or replaced; raises Conflict on a newer version."""
     meta = _meta(current)
-    namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
     rv = meta.get("resourceVersion")
-    request = {"metadata": {"uid": uid, **({"resourceVersion": rv} if rv else {})}, "status": patch}
-    try:
-        result = kube.custom().patch_namespaced_custom_object_status(
-            names.GROUP, names.VERSION, namespace, names.MICROVMS, name, request, _request_timeout=kube.TIMEOUT)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        if exc.status == 409:
-            raise Conflict(f"{namespace}/{name} changed since resourceVersion {rv}") from None
-        raise
-    return STATE.observe_vm(result)
+    request = {"metadata": {"uid": meta["uid"], **({"resourceVersion": rv} if rv else {})}, "status": patch}
+    return _patch_vm(kube.custom().patch_namespaced_custom_object_status, meta, request)
 
 
 def add_finalizer(current: dict) -> dict | None:
@@ -59,13 +49,19 @@ def add_finalizer(current: dict) -> dict | None:
     it), on the version `current` was read at. Returns the object as written, or None when it is
     gone or replaced; raises Conflict on a newer version."""
     meta = _meta(current)
-    namespace, name = meta["namespace"], meta["name"]
     finalizers = [f for f in meta.get("finalizers") or [] if f != names.FINALIZER] + [names.FINALIZER]
     request = {"metadata": {"uid": meta["uid"], "resourceVersion": meta.get("resourceVersion"),
                             "finalizers": finalizers}}
+    return _patch_vm(kube.custom().patch_namespaced_custom_object, meta, request)
+
+
+def _patch_vm(patch_call: Callable, meta: dict, request: dict) -> dict | None:
+    """One merge patch of the MicroVM `meta` names: the object as written, None when it is gone
+    (404), Conflict when it changed (409: a newer version, or a namesake failing the uid)."""
+    namespace, name = meta["namespace"], meta["name"]
     try:
-        result = kube.custom().patch_namespaced_custom_object(
-            names.GROUP, names.VERSION, namespace, names.MICROVMS, name, request, _request_timeout=kube.TIMEOUT)
+        result = patch_call(names.GROUP, names.VERSION, namespace, names.MICROVMS, name, request,
+                            _request_timeout=kube.TIMEOUT)
     except ApiException as exc:
         if exc.status == 404:
             return None
