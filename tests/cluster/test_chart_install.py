@@ -163,26 +163,31 @@ def release(cluster, guest_image_dir, artifacts_dir):
         r.kubectl("create", "secret", "generic", "broker", "-n", namespace,
                   f"--from-file=redis-password={secret_file}")
         secret_file.unlink()
-    yield r
-    # whatever a failed test left: VMs first (their finalizer needs the operator and the worker)
-    r.kubectl("delete", "microvms", "--all", "-n", tenant, "--timeout=90s", check=False, timeout=120)
-    r.helm("uninstall", name, "-n", namespace, "--wait", "--timeout", "3m", check=False)
-    for pid in _vmm_pids(state):
-        os.kill(pid, signal.SIGKILL)
-    # the worker's MicroVMNode outlives the release (as CRDs and MicroVMs do); no operator is left
-    # to lift its finalizer
-    r.kubectl("patch", "microvmnode", NODE, "--type=merge", "-p", '{"metadata": {"finalizers": null}}', check=False)
-    r.kubectl("delete", "microvmnode", NODE, "--ignore-not-found", check=False)
-    for ns in (tenant, namespace):
-        r.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-    if redis:
-        redis.stop()
-        procs.STARTED.remove(redis)
-    shutil.rmtree(state, ignore_errors=True)
     try:
-        state.parent.rmdir()  # unless another session's state is in it
-    except OSError:
-        pass
+        yield r
+    finally:
+        try:
+            # whatever a failed test left: VMs first (their finalizer needs the operator and the worker)
+            r.kubectl("delete", "microvms", "--all", "-n", tenant, "--timeout=90s", check=False, timeout=120)
+            r.helm("uninstall", name, "-n", namespace, "--wait", "--timeout", "3m", check=False)
+            for pid in _vmm_pids(state):
+                os.kill(pid, signal.SIGKILL)
+            # the worker's MicroVMNode outlives the release (as CRDs and MicroVMs do); no operator is
+            # left to lift its finalizer
+            r.kubectl("patch", "microvmnode", NODE, "--type=merge", "-p", '{"metadata": {"finalizers": null}}',
+                      check=False)
+            r.kubectl("delete", "microvmnode", NODE, "--ignore-not-found", check=False)
+            for ns in (tenant, namespace):
+                r.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        finally:
+            if redis:
+                redis.stop()
+                procs.STARTED.remove(redis)
+            shutil.rmtree(state, ignore_errors=True)
+            try:
+                state.parent.rmdir()  # unless another session's state is in it
+            except OSError:
+                pass
 
 
 def _vmm_pids(state: Path) -> list[int]:
