@@ -29,6 +29,8 @@ STARTED = procs.STARTED
 # worker_kubeconfig), network namespaces (netns, make_netns), the guest image (guest_image_dir,
 # own_image_dir) and the e2e fleet (fleet, operator_env).
 pytest_plugins = ["harness.netns", "harness.guest_image", "harness.worker_proc", "harness.fleet",
+                  # a loopback TCP forwarder to cut one worker off the API server (forwarded_kubeconfig)
+                  "harness.tcpproxy",
                   # the real one-node cluster (cluster, cluster_namespace) and its `cluster` marker
                   "harness.cluster_fixtures"]
 

@@ -9,16 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import select
 import signal
-import socket
-import threading
 import time
 import uuid
-from urllib.parse import urlsplit
 
 import pytest
-import yaml
 from harness.overlap import overlap  # noqa: F401 - the fixture
 from harness.procs import holds_for, wait_for
 from harness.vms import e2e_skip_reason, vmm_pids
@@ -39,84 +34,6 @@ OUTAGE = 18         # longer than the fence, shorter than the fence plus the mar
 def operator_env():
     return {"MIKROM_NODE_LOST_AFTER_SECONDS": "6", "MIKROM_SELF_FENCE_AFTER_SECONDS": str(FENCE),
             "MIKROM_RESCHEDULE_MARGIN_SECONDS": str(MARGIN)}
-
-
-class Forwarder:
-    """A TCP forwarder on loopback in front of the API server; `close()` closes its port and every
-    connection through it (the worker behind it then gets "connection refused")."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                conn.close()
-                continue
-            with self.lock:
-                if self.closed:
-                    conn.close()
-                    upstream.close()
-                    return
-                self.conns += [conn, upstream]
-            threading.Thread(target=self._pump, args=(conn, upstream), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket):
-        try:
-            while not self.closed:
-                for s in select.select([a, b], [], [], 0.2)[0]:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    (b if s is a else a).sendall(data)
-        except OSError:
-            pass
-        finally:
-            a.close()
-            b.close()
-
-    def close(self):
-        with self.lock:
-            self.closed = True
-            for s in self.conns:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            self.conns.clear()
-        self.listener.close()
-
-
-@pytest.fixture
-def forwarded_kubeconfig(worker_kubeconfig, tmp_path):
-    """`make(name)`: a kubeconfig through a Forwarder of its own, and that forwarder."""
-    made = []
-
-    def make(name: str):
-        cfg = yaml.safe_load(worker_kubeconfig.read_text())
-        server = urlsplit(cfg["clusters"][0]["cluster"]["server"])
-        fwd = Forwarder((server.hostname, server.port))
-        made.append(fwd)
-        cfg["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{fwd.port}"
-        path = tmp_path / f"{name}.kubeconfig"
-        path.write_text(yaml.safe_dump(cfg))
-        return path, fwd
-
-    yield make
-    for fwd in made:
-        fwd.close()
 
 
 def fenced_worker(overlap, netns, guest_image_dir, kubeconfig=None):
@@ -221,7 +138,7 @@ def test_a_worker_cut_off_from_the_api_server_alone_fences_because_its_peer_stil
         fleet, overlap, netns, guest_image_dir, forwarded_kubeconfig):
     kubeconfig, fwd = forwarded_kubeconfig("lost")
     lost, spare, vms = two_nodes(fleet, overlap, netns, guest_image_dir, kubeconfig)
-    fwd.close()
+    fwd.cut()
     expect_fenced_by_supervisors_then_moved(fleet, lost, spare, vms, time.monotonic())
     assert "PeersReachApiServer" in lost.log_text()
     holds_for(still_only_on_the_spare(fleet, lost, spare, vms), 3, "the VMs to stay on the spare node only")
@@ -246,17 +163,16 @@ def test_an_api_server_outage_seen_by_every_worker_stops_no_vm_and_status_catche
     operator_pid = fleet.operator.proc.pid
     os.kill(operator_pid, signal.SIGSTOP)
     try:
-        forwards = [fwd_a, fwd_b]
-        for fwd in forwards:
-            fwd.close()
+        for fwd in (fwd_a, fwd_b):
+            fwd.cut()
         holds_for(lambda: all(vmm_pids(w.state_dir, vm["uid"]) == [vm["pid"]] for w, vm in every), OUTAGE,
                   "every VM to keep running through the outage", interval=0.5)
         for w in (a, b):
             assert "ControlPlaneOutage" in w.log_text()
             assert not any(fence_record(w, vm["uid"]) for _, vm in every)
-        # the API server is back for the workers: a forwarder on the same port each
-        fwd_a2 = _reopen(fwd_a)
-        fwd_b2 = _reopen(fwd_b)
+        # the API server is back for the workers, on the port their kubeconfigs name
+        fwd_a.restore()
+        fwd_b.restore()
         try:
             since = time.time()
             for w in (a, b):
@@ -270,29 +186,9 @@ def test_an_api_server_outage_seen_by_every_worker_stops_no_vm_and_status_catche
                               f"{name} to report Running")
                 assert st["pid"] == vm["pid"]
         assert all(vmm_pids(w.state_dir, vm["uid"]) == [vm["pid"]] for w, vm in every)
-        fwd_a2.close()
-        fwd_b2.close()
     finally:
         if operator_pid:
             os.kill(operator_pid, signal.SIGCONT)
-
-
-def _reopen(fwd: Forwarder) -> Forwarder:
-    """A new forwarder on the closed one's port (the worker's kubeconfig names that port)."""
-    new = Forwarder.__new__(Forwarder)
-    new.target = fwd.target
-    new.listener = wait_for(lambda: _listen(fwd.port), 10, f"port {fwd.port} to be free again")
-    new.port = fwd.port
-    new.conns, new.lock, new.closed = [], threading.Lock(), False
-    threading.Thread(target=new._accept, daemon=True).start()
-    return new
-
-
-def _listen(port: int):
-    try:
-        return socket.create_server(("127.0.0.1", port))
-    except OSError:
-        return None
 
 
 def _heartbeat_after(fleet, node: str, since: float) -> bool:

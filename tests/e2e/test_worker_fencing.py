@@ -6,15 +6,10 @@ the returning node lets go of what it held."""
 
 from __future__ import annotations
 
-import select
-import socket
-import threading
 import time
 import uuid
-from urllib.parse import urlsplit
 
 import pytest
-import yaml
 from harness.procs import holds_for, wait_for
 from harness.netns import ping
 from harness.vms import e2e_skip_reason, vmm_pids
@@ -33,83 +28,9 @@ def operator_env():
             "MIKROM_RESCHEDULE_MARGIN_SECONDS": "3"}
 
 
-class CuttableProxy:
-    """A TCP proxy on loopback whose connections can be cut and refused, then allowed again."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.open = threading.Event()
-        self.open.set()
-        self.pairs: list[tuple[socket.socket, socket.socket]] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.open.is_set():
-                conn.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                conn.close()
-                continue
-            with self.lock:
-                self.pairs.append((conn, upstream))
-            threading.Thread(target=self._pump, args=(conn, upstream), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket):
-        try:
-            while self.open.is_set():
-                ready, _, _ = select.select([a, b], [], [], 0.2)
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    (b if s is a else a).sendall(data)
-        except OSError:
-            pass
-        finally:
-            a.close()
-            b.close()
-
-    def cut(self):
-        self.open.clear()
-        with self.lock:
-            for a, b in self.pairs:
-                for s in (a, b):
-                    try:
-                        s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-            self.pairs.clear()
-
-    def restore(self):
-        self.open.set()
-
-    def close(self):
-        self.closed = True
-        self.cut()
-        self.listener.close()
-
-
 @pytest.fixture
-def proxied_kubeconfig(worker_kubeconfig, tmp_path):
-    cfg = yaml.safe_load(worker_kubeconfig.read_text())
-    server = urlsplit(cfg["clusters"][0]["cluster"]["server"])
-    proxy = CuttableProxy((server.hostname, server.port))
-    cfg["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
-    path = tmp_path / "proxied.kubeconfig"
-    path.write_text(yaml.safe_dump(cfg))
-    yield path, proxy
-    proxy.close()
+def proxied_kubeconfig(forwarded_kubeconfig):
+    return forwarded_kubeconfig("proxied")
 
 
 def test_a_worker_cut_off_from_the_api_server_fences_its_vms_and_restores_them_when_it_returns(
