@@ -185,16 +185,24 @@ def test_priority_on_redis_serves_the_lowest_number_first(make_worker, netns, ce
 
 # ------------------------------------------------------------------------------------ events
 def test_events_dump_shows_the_tasks_events(node_worker, celery_client, tmp_path):
-    dump = procs.start("celery-events-dump", CELERY + ["events", "--dump"], tmp_path, env=node_worker.env)
+    # unbuffered: `events --dump` writes to a file here, and a block-buffered stdout would hold its
+    # lines back until some kilobytes have gathered
+    dump = procs.start("celery-events-dump", CELERY + ["events", "--dump"], tmp_path,
+                       env=dict(node_worker.env, PYTHONUNBUFFERED="1"))
     try:
         queue = names.node_queue(node_worker.node)
 
+        sent: list[str] = []
+
         def seen() -> bool:
+            # the events of a task reach the dump a moment after its result: look for any task sent
+            # so far, not only the one just sent
             r = celery_client.send_task(names.HEALTH_CHECK, queue=queue)
             r.get(timeout=30)
+            sent.append(r.id)
             log = dump.tail(400)
-            return f"task received: {names.HEALTH_CHECK}({r.id})" in log and \
-                f"task succeeded: {names.HEALTH_CHECK}({r.id})" in log
+            return any(f"task received: {names.HEALTH_CHECK}({i})" in log and
+                       f"task succeeded: {names.HEALTH_CHECK}({i})" in log for i in sent)
 
         wait_for(seen, 60, "events --dump to show a task's events", interval=1,
                  abort=lambda: None if dump.alive() else f"events exited:\n{dump.tail()}")
