@@ -12,7 +12,11 @@ child right away and never collects zombies, and a worker that is killed leaves 
 The supervisor is the VMM's parent: it reaps the VMM (so a stopped VMM never lingers as a zombie),
 drains the VMM's console (serial on stdout, plus stderr) from a pipe into `console.log`, and
 rotates it to `console.log.1` whenever it reaches half the cap, so both together stay below
-`--max-bytes`. It also writes, in the state dir:
+`--max-bytes`. It also keeps the serial port's interactive side: the VMM's stdin is a pipe the
+supervisor writes, and `console.sock` in the state dir (a unix socket, 0600, root's; connecting
+peers other than root are refused) relays between the serial port and one attached client at a
+time, a second one being told the console is busy (ConsoleRelay). The log is written whether or
+not a client is attached. It also writes, in the state dir:
 
   pid         the VMM's pid (adoption reads it after a worker restart)
   run.json    pid, supervisor pid, start time (wall clock and CLOCK_MONOTONIC, which is system-wide)
@@ -175,6 +179,194 @@ class RotatingLog:
             self.fd = -1
 
 
+# ---------------------------------------------------------------- the interactive console socket
+CONSOLE_SOCKET = "console.sock"
+"""The serial console's interactive side, in the VM's state dir (0600, root's)."""
+CLIENT_BUFFER_BYTES = 64 * 1024
+"""Console output held for a client that reads slowly; past it the oldest bytes are dropped for
+that client (console.log has them all), so a slow client never stalls the supervisor."""
+INPUT_BUFFER_BYTES = 64 * 1024
+"""Client input held while the VMM's serial does not take it; past it the client is not read
+(back-pressure on the client only)."""
+UNIX_PATH_MAX = 108
+BUSY_MESSAGE = (b"\r\nmikrom: this VM's console is in use by another client; it takes one at a time "
+                b"(`kubectl mikrom console --follow` reads the log meanwhile)\r\n")
+DENIED_MESSAGE = b"\r\nmikrom: only root may attach to a VM's console\r\n"
+
+
+def unix_address(path: str) -> tuple[str, int | None]:
+    """An address for bind/connect of `path`: itself, or when it is longer than sun_path allows,
+    the same file through a descriptor of its directory (/proc/self/fd/N/NAME); the descriptor
+    (or None), for the caller to close."""
+    if len(os.fsencode(path)) < UNIX_PATH_MAX:
+        return path, None
+    dirfd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return f"/proc/self/fd/{dirfd}/{os.path.basename(path)}", dirfd
+
+
+def listen_console(path: str) -> socket.socket:
+    """Bind the console socket at `path`, 0600 from the start (umask while binding), non-blocking."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # the previous boot's
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    address, dirfd = unix_address(path)
+    old = os.umask(0o177)
+    try:
+        sock.bind(address)
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+        if dirfd is not None:
+            os.close(dirfd)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+class ConsoleRelay:
+    """Relays bytes between the VMM's serial port (its stdin; its output reaches `output()` from
+    the supervise loop) and at most one client of the console socket.
+
+    One client at a time: a second one is told the console is busy and closed; the attached
+    client keeps it until it disconnects. Every descriptor is non-blocking and every buffer
+    bounded, so a client that stops reading, sends too much or vanishes costs the supervisor
+    nothing but that client's bytes."""
+
+    def __init__(self, path: str, vmm_stdin: int):
+        self.path = path
+        self.listener = listen_console(path)
+        self.inode = os.stat(path).st_ino
+        self.vmm_stdin: int | None = vmm_stdin
+        os.set_blocking(vmm_stdin, False)
+        self.client: socket.socket | None = None
+        self.to_client = bytearray()
+        self.to_vmm = bytearray()
+
+    def readers(self) -> list:
+        rs = [self.listener]
+        if self.client is not None and len(self.to_vmm) < INPUT_BUFFER_BYTES:
+            rs.append(self.client)
+        return rs
+
+    def writers(self) -> list:
+        ws = [self.client] if self.client is not None and self.to_client else []
+        return ws + ([self.vmm_stdin] if self.vmm_stdin is not None and self.to_vmm else [])
+
+    def output(self, chunk: bytes) -> None:
+        """What the VMM printed, for the attached client."""
+        if self.client is None:
+            return
+        self.to_client += chunk
+        if len(self.to_client) > CLIENT_BUFFER_BYTES:
+            del self.to_client[:len(self.to_client) - CLIENT_BUFFER_BYTES]
+
+    def service(self, readable: list, writable: list) -> None:
+        # the client first: one that hung up just before another connected has let go already
+        if self.client is not None and self.client in readable:
+            self._from_client()
+        if self.listener in readable:
+            self._accept()
+        if self.client is not None and self.client in writable:
+            try:
+                sent = self.client.send(self.to_client)
+                del self.to_client[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._drop_client()
+        if self.vmm_stdin is not None and self.vmm_stdin in writable:
+            try:
+                written = os.write(self.vmm_stdin, self.to_vmm[:READ_SIZE])
+                del self.to_vmm[:written]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:  # the VMM closed its serial input (it is exiting): input goes nowhere
+                os.close(self.vmm_stdin)
+                self.vmm_stdin = None
+                self.to_vmm.clear()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        conn.setblocking(False)
+        try:
+            if peer_uid(conn) != os.geteuid():
+                refusal = DENIED_MESSAGE
+            elif self.client is not None and not self._client_gone():
+                refusal = BUSY_MESSAGE
+            else:
+                self.client = conn
+                self.to_client.clear()
+                return
+            try:
+                conn.send(refusal)
+            except OSError:
+                pass
+            conn.close()
+        except OSError:
+            conn.close()
+
+    def _client_gone(self) -> bool:
+        """Whether the attached client has hung up (its end-of-file is waiting to be read)."""
+        try:
+            if self.client.recv(1, socket.MSG_PEEK) == b"":
+                self._drop_client()
+                return True
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop_client()
+            return True
+        return False
+
+    def _from_client(self) -> None:
+        try:
+            data = self.client.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_client()
+            return
+        if self.vmm_stdin is not None:
+            self.to_vmm += data
+
+    def reset_client(self) -> None:
+        """Forget the client after an unexpected error; the console stays open for the next."""
+        self._drop_client()
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+        self.to_client.clear()
+
+    def close(self) -> None:
+        self._drop_client()
+        self.listener.close()
+        if self.vmm_stdin is not None:
+            os.close(self.vmm_stdin)
+            self.vmm_stdin = None
+        try:
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)  # ours still: nobody connects to a VM that is gone
+        except OSError:
+            pass
+
+
 def enter_cgroup(procs: list[str], cgroupns: str | None) -> None:
     """Join the VM's host cgroup in every hierarchy (the files worker/hostcgroup.py created)
     before the VMM starts, so the VMM is born there and its memory is charged to it. With
@@ -321,17 +513,27 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
                 "extra_groups": [int(g) for g in args.groups.split(",") if g]}
 
     read_fd, write_fd = os.pipe()
+    # The serial port's input: QEMU's `-serial stdio` and Firecracker's serial read stdin. The
+    # supervisor keeps the write end and feeds it what the console socket's client types.
+    serial_in, serial_feed = os.pipe()
+    try:
+        console = ConsoleRelay(os.path.join(state, CONSOLE_SOCKET), serial_feed)
+    except OSError as exc:
+        os.write(report_fd, json.dumps({"error": f"cannot create the console socket: {exc}"}).encode())
+        return 127
     started_mono = time.monotonic()
     started_wall = time.time()
     started_boot = boottime()  # before the VMM exists: the journal never shows it starting late
     try:
-        vmm = subprocess.Popen(args.argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+        vmm = subprocess.Popen(args.argv, stdin=serial_in, stdout=write_fd, stderr=write_fd,
                                close_fds=True, pass_fds=passed, cwd=state,
                                env={k: os.environ[k] for k in VMM_ENV if k in os.environ}, **drop)
     except OSError as exc:
+        console.close()
         os.write(report_fd, json.dumps({"error": f"cannot execute {args.argv[0]}: {exc}"}).encode())
         return 127
     os.close(write_fd)
+    os.close(serial_in)
     for fd in passed:  # the VMM holds them now; a tap or socket must go when the VMM goes
         os.close(fd)
 
@@ -350,8 +552,17 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
     while True:
         fence.check()
         try:
-            if not select.select([read_fd], [], [], LEASE_CHECK_SECONDS)[0]:
-                continue
+            readable, writable, _ = select.select([read_fd, *console.readers()], console.writers(), [],
+                                                  LEASE_CHECK_SECONDS)
+        except InterruptedError:
+            continue
+        try:
+            console.service(readable, writable)
+        except Exception:  # noqa: BLE001 - the console's client never takes the supervisor down
+            console.reset_client()
+        if read_fd not in readable:
+            continue
+        try:
             chunk = os.read(read_fd, READ_SIZE)
         except InterruptedError:
             continue
@@ -365,6 +576,8 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
                              json.dumps({"at": time.time(), "monotonic": time.monotonic()}))
             tail = window[-(len(marker) - 1):] if len(marker) > 1 else b""
         log.write(chunk)
+        console.output(chunk)
+    console.close()
     log.close()
     returncode = vmm.wait()
     journal(state, "stop", pid=vmm.pid, supervisor_pid=os.getpid(), returncode=returncode, fenced=fence.fenced)
