@@ -105,7 +105,10 @@ RESOURCES = [
              _col("Age", ".metadata.creationTimestamp", "date"),
              _col("VMM", ".status.vmm", priority=1),
              _col("Ready", _READY, priority=1),
-         ]),
+         ],
+         # each worker lists only the VMs placed on its node (fieldSelector=status.node=NAME), so
+         # its periodic sync costs the API server that node's VMs, not the cluster's
+         selectable=[".status.node"]),
     dict(model=models.MicroVMNode, kind="MicroVMNode", plural=names.MICROVMNODES, singular="microvmnode",
          short=["mvmn"], scope="Cluster", categories=["mikrom"],
          description="A Kubernetes node that runs microVMs, registered by its Mikrom worker.",
@@ -153,6 +156,8 @@ def crd(resource: dict) -> dict:
                 "storage": True,
                 "subresources": {"status": {}},
                 "additionalPrinterColumns": resource["columns"],
+                **({"selectableFields": [{"jsonPath": p} for p in resource["selectable"]]}
+                   if resource.get("selectable") else {}),
                 "schema": {"openAPIV3Schema": schema},
             }],
         },

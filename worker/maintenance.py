@@ -7,6 +7,10 @@
   so nothing that a task is creating right now is mistaken for one.
 - `health`: this node's view of heartbeats, the broker, stuck VMs and queue depths.
 - `fleet_report`: VMs per phase and node and recent failures, as a ConfigMap.
+
+Every per-node task lists only its node's VMs (`assigned`: a field selector on `status.node`), so
+the API server's load from the workers grows with the VMs, not with nodes x VMs; only the fleet
+report, one task for the whole cluster, lists them all.
 """
 
 from __future__ import annotations
@@ -35,8 +39,33 @@ REPORT_CONFIGMAP = "mikrom-fleet-report"
 TRANSITIONAL = (Phase.SCHEDULED.value, Phase.PROVISIONING.value, Phase.STOPPING.value)
 
 
-def _mine(ctx, vms: list[dict]) -> list[dict]:
-    return [vm for vm in vms if (vm.get("status") or {}).get("node") == ctx.node]
+def node_field_selector(node: str) -> str:
+    """The field selector of the MicroVMs placed on `node` (`status.node` is a selectable field of
+    the MicroVM CRD): the API server sends a node only its own VMs, so a worker's periodic work
+    costs it that node's VMs, not every VM in the cluster on every node."""
+    return f"status.node={node}"
+
+
+def assigned(node: str, api: client.CustomObjectsApi | None = None) -> list[dict]:
+    """The MicroVMs placed on `node`, as the API server has them now (one LIST, filtered there)."""
+    res = (api or kube.custom()).list_cluster_custom_object(
+        names.GROUP, names.VERSION, names.MICROVMS, field_selector=node_field_selector(node),
+        _request_timeout=kube.TIMEOUT)
+    # checked again here: what the callers treat as this node's must say so itself
+    return [vm for vm in res.get("items", []) if (vm.get("status") or {}).get("node") == node]
+
+
+def sync_targets(node: str, held: dict[str, dict], api: client.CustomObjectsApi | None = None) -> list[dict]:
+    """What a node's status sync reconciles: every VM placed on `node`, plus a reference to every
+    VM it holds (`held`: uid -> {namespace, name} as this node recorded them when it started them)
+    that is not among those: placed on another node while this one was lost, or deleted. The
+    reconcile of such a reference re-reads that one object (a GET) under the VM's lock, and removes
+    what this node holds if it is elsewhere or gone. Held VMs are few; the cluster's are many."""
+    vms = assigned(node, api)
+    listed = {vm["metadata"]["uid"] for vm in vms}
+    refs = [{"metadata": {"namespace": ref["namespace"], "name": ref["name"], "uid": uid}}
+            for uid, ref in sorted(held.items()) if uid not in listed]
+    return vms + refs
 
 
 def reconcile_locked(ctx, namespace: str, name: str, uid: str, lock_timeout: float) -> str:
@@ -47,16 +76,15 @@ def reconcile_locked(ctx, namespace: str, name: str, uid: str, lock_timeout: flo
         return outcome
 
 
-def _gone(ctx, uids: set[str]) -> list[dict]:
-    """References to VMs this node holds whose object the API server no longer has (force-deleted
-    while this node was lost, or a delete message dropped), named as this node recorded them when
-    it started them, never as a message claimed. Reconciling one re-reads the object under the
-    VM's lock and removes what this node holds only if it is really gone."""
-    refs = []
-    for uid in sorted(uids):
+def _held(ctx) -> dict[str, dict]:
+    """The VMs this node holds (a state directory), by uid, named as this node recorded them when
+    it started them, never as a message claimed. A directory without that record (a task is
+    creating it right now, or it is an orphan) is left to its task and to `cleanup`."""
+    refs = {}
+    for uid in local_uids(ctx.runtime.vms_dir):
         meta = ctx.runtime.local(uid).read_meta()
         if meta.get("uid") == uid and meta.get("namespace") and meta.get("name"):
-            refs.append({"metadata": {"namespace": meta["namespace"], "name": meta["name"], "uid": uid}})
+            refs[uid] = {"namespace": meta["namespace"], "name": meta["name"]}
     return refs
 
 
@@ -64,12 +92,9 @@ def sync_node(ctx, lock_timeout: float = 0.5) -> dict:
     """Reconcile every VM assigned to this node, every VM this node still holds that is now
     assigned elsewhere (placed on another node while this one was lost: reconciling it re-reads the
     object under its lock and removes what this node held), and every VM it holds whose object is
-    gone. A VM busy with a task is left to it."""
-    vms = kube.list_vms()
-    held = set(local_uids(ctx.runtime.vms_dir))
-    mine = _mine(ctx, vms) + [vm for vm in vms if vm["metadata"]["uid"] in held
-                              and (vm.get("status") or {}).get("node") != ctx.node]
-    mine += _gone(ctx, held - {vm["metadata"]["uid"] for vm in vms})
+    gone. A VM busy with a task is left to it. The API cost is one LIST of this node's VMs and one
+    GET per VM reconciled (`sync_targets`), whatever the size of the cluster."""
+    mine = sync_targets(ctx.node, _held(ctx))
 
     def one(vm: dict) -> str:
         meta = vm["metadata"]
@@ -95,11 +120,11 @@ def cleanup(ctx, orphan_min_age: float = ORPHAN_MIN_AGE_SECONDS) -> dict:
     # taps first, then directories: a tap is made after its VM's directory, so a tap that has no
     # directory in the later listing really is an orphan
     taps = netdev.list_taps(runtime.netns)
-    vms = kube.list_vms()
-    mine = {vm["metadata"]["uid"] for vm in _mine(ctx, vms)}
+    vms = assigned(ctx.node)
+    mine = {vm["metadata"]["uid"] for vm in vms}
     done = {"expired": [], "orphanDirs": [], "orphanProcesses": [], "orphanTaps": []}
 
-    for vm in _mine(ctx, vms):
+    for vm in vms:
         ttl = (vm.get("spec") or {}).get("ttlSecondsAfterFinished")
         status = vm.get("status") or {}
         if ttl is None or vm["metadata"].get("deletionTimestamp"):
@@ -172,7 +197,7 @@ def health(ctx) -> dict:
         problems.append(str(exc))
     stuck = []
     try:
-        for vm in _mine(ctx, kube.list_vms()):
+        for vm in assigned(ctx.node):
             status = vm.get("status") or {}
             if status.get("phase") not in TRANSITIONAL or ctx.locks.held_here(vm["metadata"]["uid"]):
                 continue
