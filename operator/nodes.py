@@ -2,11 +2,17 @@
 (judged by the pure `health` module) and condition NodeCordoned (its Kubernetes Node's cordon, from
 `cordons`), and, when its health changes, reconciles its VMs (Unknown while it is lost, reachable
 again when it returns, rescheduled past the self-fence margin).
+
+Before judging, a probe lists the MicroVMNodes from the API server, at most once per check
+interval for all nodes: the heartbeats it reads are current whatever became of the watch, and a
+failed list tells the heartbeat clock that the operator is blind (`heartbeats`: no heartbeat
+ages while the operator cannot see, and ages count from when it can see again).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from mikrom import conditions, kube, names
@@ -20,6 +26,10 @@ from .status import emit
 log = logging.getLogger(__name__)
 
 _last_prune = [0.0]
+_last_probe = [float("-inf")]
+_probe_lock = threading.Lock()
+PROBE_TIMEOUT = (2, 5)
+"""connect, read: shorter than other calls, a hanging API server counts as blindness soon."""
 
 
 def check_interval() -> float:
@@ -33,6 +43,7 @@ def reconcile(body: dict) -> None:
     name = body["metadata"]["name"]
     STATE.observe_node(body)
     STATE.touch("node", name)
+    probe()
     node = STATE.node(name) or body
     now = time.time()
     lost_after = SETTINGS.node_lost_after_seconds
@@ -66,6 +77,30 @@ def reconcile(body: dict) -> None:
                 log.warning("node %s: could not update MicroVM %s/%s: %s", name, vm["metadata"].get("namespace"),
                             vm["metadata"].get("name"), exc)
     _maybe_prune()
+
+
+def probe() -> None:
+    """List the MicroVMNodes (once per check interval, whichever node check comes first) into the
+    operator's view, and tell the heartbeat clock whether the operator can see."""
+    if time.monotonic() - _last_probe[0] < check_interval() or not _probe_lock.acquire(blocking=False):
+        return
+    try:
+        _last_probe[0] = time.monotonic()
+        try:
+            listed = kube.custom().list_cluster_custom_object(names.GROUP, names.VERSION, names.MICROVMNODES,
+                                                              _request_timeout=PROBE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - whatever the cause, the operator cannot see
+            if BEATS.blind(time.time(), SETTINGS.node_lost_after_seconds):
+                log.warning("cannot list MicroVMNodes (%s): no node's heartbeat ages until the operator can "
+                            "read the API server again", exc)
+            return
+        for item in listed.get("items") or []:
+            STATE.observe_node(item)
+        blind_for = BEATS.sighted(time.time())
+        if blind_for is not None:
+            log.warning("the API server can be read again after %.0fs: heartbeat ages count from now", blind_for)
+    finally:
+        _probe_lock.release()
 
 
 def _cordon_condition(node: dict, patch: dict | None) -> dict | None:

@@ -8,7 +8,7 @@ import pytest
 from mikrom import names
 from mikrom.operator import health
 from mikrom.operator.decide import rfc3339
-from mikrom.operator.heartbeats import Beats, observe
+from mikrom.operator.heartbeats import Beats, counted_from, observe
 
 NOW = 1_800_000_000.0
 LOST_AFTER = 40.0
@@ -76,3 +76,45 @@ def test_the_brake_holds_only_above_the_share_or_the_count():
     assert health.brake(1, 1, 0.5, 0) is not None
     assert health.brake(2, 10, 0.5, 1) is not None and health.brake(1, 10, 0.5, 1) is None
     assert health.brake(0, 0, 0.5, 0) is None
+
+
+# The operator's own blindness (it cannot read the API server): no heartbeat ages while it is
+# blind, and ages count from when it could see again. Rows: (seen_at, blind, sight_from,
+# lost_before) -> the time the age counts from, at NOW.
+@pytest.mark.parametrize("seen_at,blind,sight_from,lost_before,expected", [
+    (NOW - 30, False, None, False, NOW - 30),                   # never blind: when the value was seen
+    (NOW - 30, True, None, False, NOW),                         # blind: no age at all
+    (NOW - 300, True, None, True, NOW - LOST_AFTER - 1),         # blind, lost before: lost, not nearer
+    (NOW - 300, False, NOW - 5, False, NOW - 5),                 # seen again 5 s ago: counts from then
+    (NOW - 2, False, NOW - 5, False, NOW - 2),                   # a heartbeat since the return: its own
+    (NOW - 300, False, NOW - 5, True, NOW - LOST_AFTER - 1),     # lost before: still lost after the return
+    (NOW - 300, False, NOW - 200, True, NOW - 200),              # ... and ages from the return later on
+])
+def test_heartbeat_ages_count_from_when_the_operator_could_see_again(seen_at, blind, sight_from, lost_before,
+                                                                      expected):
+    assert counted_from(seen_at, NOW, LOST_AFTER, blind, sight_from, lost_before) == expected
+
+
+def test_an_api_outage_the_operator_saw_neither_loses_nodes_nor_reschedules_on_its_return():
+    fence, margin = 60.0, 30.0
+    beats = Beats()
+    alive, dead = node("alive", "a1"), node("dead", "d1")
+    beats.observe_all({"alive": node("alive", "a0"), "dead": dead}, NOW - 200, LOST_AFTER)  # dead: never again
+    beats.observe(alive, NOW - 150, LOST_AFTER)  # its last beat the operator saw before it went blind
+    assert beats.blind(NOW - 150, LOST_AFTER) and not beats.blind(NOW - 100, LOST_AFTER)
+    assert beats.is_blind
+    during = beats.observe_all({"alive": alive, "dead": dead}, NOW - 10, LOST_AFTER)
+    assert health.health(alive, NOW - 10, LOST_AFTER, during["alive"]).ready, "blind: not lost"
+    assert not health.health(dead, NOW - 10, LOST_AFTER, during["dead"]).ready, "lost before stays lost"
+    assert beats.sighted(NOW) == 150.0 and beats.sighted(NOW) is None
+    back = beats.observe_all({"alive": alive, "dead": dead}, NOW, LOST_AFTER)
+    assert health.health(alive, NOW, LOST_AFTER, back["alive"]).ready, "the stale value is not lost on the return"
+    vm = {"metadata": {}, "spec": {"runStrategy": "Always"}, "status": {"phase": "Unknown"}}
+    for n, obj in (("alive", alive), ("dead", dead)):
+        assert health.reschedule_due(vm, obj, NOW, fence, margin, back[n]) is None, n
+    later = NOW + fence + margin + 1
+    after = beats.observe_all({"alive": alive, "dead": dead}, later, LOST_AFTER)
+    for n, obj in (("alive", alive), ("dead", dead)):  # no heartbeat since the return: both move now
+        assert health.reschedule_due(vm, obj, later, fence, margin, after[n]) is not None, n
+    beaten = node("alive", "a2")
+    assert beats.observe(beaten, later, LOST_AFTER) == later
