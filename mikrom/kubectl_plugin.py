@@ -13,7 +13,9 @@ docs/protocol.md documents, so what the plugin does can always be done with `kub
   cordon NODE       MicroVMNode spec.schedulable false (no new VMs are placed on it)
   uncordon NODE     spec.schedulable true
   drain NODE        cordon, stop every VM still running on the node, wait until none runs
-  console NAME      the VM's serial console log (read-only), from the node's state directory
+  console NAME      the VM's serial console, interactive (Ctrl-] detaches), through the socket its
+                    supervisor keeps in the node's state directory, or with --via-pod through
+                    `kubectl exec -i` into the node's worker pod; --follow/--log: the log, read-only
 
 Drain stops rather than moves: the operator takes VMs off a node only when the node is lost
 (docs/protocol.md, "Heartbeats and node loss"); a Stopped VM keeps its node. After the
@@ -411,11 +413,132 @@ def worker_pod(cluster: Cluster, node: str, namespace: str) -> str:
     return running[0]
 
 
+DETACH = b"\x1d"
+"""Ctrl-]: ends an interactive console session (telnet's escape), never sent to the guest."""
+CONSOLE_SOCKET = "console.sock"
+"""The supervisor's interactive console socket in the VM's state dir (worker/vmm/consolecap.py)."""
+UNIX_PATH_MAX = 108
+
+
+def console_socket_path(state_dir: str, uid: str) -> Path:
+    return console_path(state_dir, uid).with_name(CONSOLE_SOCKET)
+
+
+def connect_console(path: Path):
+    """A connected socket to the VM's console; PluginError if there is none to connect to."""
+    import socket
+
+    if not path.exists():
+        raise PluginError("NoConsole", f"no console socket at {path}: is the VM running, and its node's state "
+                                       f"directory here? (in a cluster, use --via-pod)")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    address, dirfd = str(path), None
+    if len(os.fsencode(address)) >= UNIX_PATH_MAX:  # too long for sun_path: through its directory
+        dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        address = f"/proc/self/fd/{dirfd}/{path.name}"
+    try:
+        sock.connect(address)
+    except PermissionError:
+        sock.close()
+        raise PluginError("Forbidden", f"{path} is root's: the console needs root on the node") from None
+    except OSError as exc:
+        sock.close()
+        raise PluginError("NoConsole", f"cannot connect to {path}: {exc.strerror or exc} (is the VM running?)") from None
+    finally:
+        if dirfd is not None:
+            os.close(dirfd)
+    sock.settimeout(None)
+    return sock
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def interactive(remote_in: int, remote_out: int, stdin: int = 0, stdout: int = 1, banner: str = "") -> bool:
+    """Relay the terminal to the console: what the user types goes to `remote_out`, what comes
+    from `remote_in` to the screen. The terminal is raw meanwhile (Ctrl-C and friends reach the
+    guest) and restored however the session ends. True when the user detached (Ctrl-], or the end
+    of stdin), False when the other side hung up (the VM stopped, or the console was busy). The
+    `banner` goes to stderr once the terminal is raw (so whoever sees it may type)."""
+    import select
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    try:
+        if saved is not None:
+            tty.setraw(stdin, termios.TCSANOW)
+        if banner:
+            _write_all(2, banner.encode())
+        while True:
+            readable, _, _ = select.select([stdin, remote_in], [], [])
+            if remote_in in readable:
+                data = os.read(remote_in, 65536)
+                if not data:
+                    return False
+                _write_all(stdout, data)
+            if stdin in readable:
+                data = os.read(stdin, 4096)
+                if not data:
+                    return True
+                if DETACH in data:
+                    _write_all(remote_out, data[:data.index(DETACH)])
+                    return True
+                _write_all(remote_out, data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+
+
 def cmd_console(cluster: Cluster, args) -> int:
     vm = cluster.vm(args.namespace, args.name)
     node, uid = (vm.get("status") or {}).get("node"), vm["metadata"]["uid"]
     if not node:
         raise PluginError("NotScheduled", f"microvm {args.name} has no node yet")
+    console_path(args.state_dir, uid)  # refuses a uid that would leave the state directory
+    if args.follow or args.log:
+        return console_log(cluster, args, node, uid)
+    banner = f"Connected to the console of microvm {args.namespace}/{args.name} on {node}; Ctrl-] detaches.\r\n"
+    if not args.via_pod:
+        with connect_console(console_socket_path(args.state_dir, uid)) as sock:
+            detached = interactive(sock.fileno(), sock.fileno(), banner=banner)
+    else:
+        pod = worker_pod(cluster, node, args.worker_namespace)
+        argv = kubectl_argv(args) + ["exec", "-i", "-n", args.worker_namespace, pod, "--", "python", "-m",
+                                     "mikrom.worker", "console-relay", uid, "--state-dir", args.pod_state_dir]
+        relay = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        try:
+            detached = interactive(relay.stdout.fileno(), relay.stdin.fileno(), banner=banner)
+        except BrokenPipeError:
+            detached = False
+        finally:
+            try:
+                relay.stdin.close()  # the relay's stdin ends: it disconnects and exits
+            except BrokenPipeError:
+                pass
+            try:
+                relay.wait(10)
+            except subprocess.TimeoutExpired:
+                relay.kill()
+                relay.wait()
+    if detached:
+        print("\ndetached", file=sys.stderr)
+        return 0
+    print("\nthe console closed (the VM stopped, or another client holds its console)", file=sys.stderr)
+    return 1
+
+
+def kubectl_argv(args) -> list[str]:
+    return ["kubectl"] + (["--kubeconfig", args.kubeconfig] if args.kubeconfig else []) + \
+        (["--context", args.context] if args.context else [])
+
+
+def console_log(cluster: Cluster, args, node: str, uid: str) -> int:
+    """The read-only console log: printed (`--log`) or followed (`--follow`)."""
     if not args.via_pod:
         path = console_path(args.state_dir, uid)
         if not path.exists():
@@ -428,10 +551,8 @@ def cmd_console(cluster: Cluster, args) -> int:
         return 0
     pod = worker_pod(cluster, node, args.worker_namespace)
     rel = f"vms/{uid}/console.log"
-    argv = ["kubectl"] + (["--kubeconfig", args.kubeconfig] if args.kubeconfig else []) + \
-        (["--context", args.context] if args.context else []) + \
-        ["exec", "-n", args.worker_namespace, pod, "--", "tail", "-c", "+1"] + (["-F"] if args.follow else []) + \
-        [f"{args.pod_state_dir}/{rel}"]
+    argv = kubectl_argv(args) + ["exec", "-n", args.worker_namespace, pod, "--", "tail", "-c", "+1"] + \
+        (["-F"] if args.follow else []) + [f"{args.pod_state_dir}/{rel}"]
     try:
         return subprocess.call(argv)
     except KeyboardInterrupt:
@@ -482,12 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("drain", cmd_drain, "cordon a MicroVMNode, stop its MicroVMs and wait until none runs")
     d.add_argument("node", metavar="NODE")
     d.add_argument("--timeout", type=parse_duration, default=300.0, help="give up after this long (default 5m)")
-    c = add("console", cmd_console, "print (and with -f follow) a MicroVM's serial console log, read-only")
+    c = add("console", cmd_console, "attach to a MicroVM's serial console (Ctrl-] detaches); with --follow or "
+                                     "--log read its console log instead, read-only")
     c.add_argument("name", metavar="NAME")
-    c.add_argument("-f", "--follow", action="store_true", help="keep printing what the guest writes")
+    c.add_argument("-f", "--follow", action="store_true", help="read-only: print the console log and keep printing what the guest writes")
+    c.add_argument("--log", action="store_true", help="read-only: print the console log and exit")
     c.add_argument("--state-dir", default=os.environ.get("MIKROM_STATE_DIR", "/var/lib/mikrom"),
                    help="the node's state directory, when the node is this machine (default $MIKROM_STATE_DIR or /var/lib/mikrom)")
-    c.add_argument("--via-pod", action="store_true", help="read it through `kubectl exec` in the node's worker pod")
+    c.add_argument("--via-pod", action="store_true", help="reach it through `kubectl exec -i` in the node's worker pod")
     c.add_argument("--worker-namespace", default="mikrom", help="namespace of the worker DaemonSet (default mikrom)")
     c.add_argument("--pod-state-dir", default="/var/lib/mikrom", help="the state directory inside the worker pod")
     return parser
