@@ -12,6 +12,11 @@ worker/lease.py) only while the operator can see it, or while nobody can see any
 | no | reachable | one wrote to the API server within the window | let it run out (`PeersReachApiServer`) |
 | no | reachable | some, none wrote within the window | renew (`ControlPlaneOutage`) |
 
+Whatever the table says, the first round of a new worker process renews nothing (`Starting`):
+a worker must have completed one heartbeat period to vouch for its VMs, so one that crash-loops
+(dies within a heartbeat period of each start) cannot keep them alive by renewing once per start.
+It writes no heartbeat in that round either (worker/node.py), so the operator sees it as dead too.
+
 Cut off from both the API server and Redis, a node cannot tell an outage of both from its own
 isolation; like medik8s's self-node-remediation it assumes it is the isolated one and fences,
 so a simultaneous API server and Redis outage longer than `selfFenceAfterSeconds` stops every VM.
@@ -44,9 +49,13 @@ class Verdict:
     message: str
 
 
-def decide(api_ok: bool, node: str, peers: PeerView | None, window: float) -> Verdict:
+def decide(api_ok: bool, node: str, peers: PeerView | None, window: float, settled: bool = True) -> Verdict:
     """May `node` renew its lease? `api_ok`: its heartbeat write just succeeded; `peers`: None
-    when Redis could not be reached; `window`: how recent "alive" and "wrote" must be (seconds)."""
+    when Redis could not be reached; `window`: how recent "alive" and "wrote" must be (seconds);
+    `settled`: this worker process has completed a round before this one."""
+    if not settled:
+        return Verdict(False, "Starting", "the first heartbeat round of a new worker process renews nothing: a "
+                                          "worker must stay up for a heartbeat period to keep its VMs")
     if api_ok:
         return Verdict(True, "ApiReachable", "the heartbeat reached the API server")
     if peers is None:

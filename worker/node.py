@@ -9,6 +9,10 @@ worker `threading` is monkey-patched, so these are greenlets; every call they ma
   lease (lease.py) for `self_fence_after_seconds`. Every VM's supervisor stops its VMM by itself
   once the lease runs out, so the operator may safely recreate them elsewhere once the node is
   lost, even if this worker is dead or frozen; a live worker also stops them itself then.
+  A new worker process vouches for its node only from its second round on: its first round
+  registers and reports capacity but writes no `lastHeartbeatTime` and renews nothing, so a
+  worker that crash-loops (dies within a heartbeat period of each start) keeps no VM alive, in the
+  lease or in the operator's eyes: its VMs are fenced and moved as a dead worker's are.
 - Sync: right after start (adopting the VMs a previous worker left running) and then every
   `sync_interval_seconds`, or at once when the heartbeat comes back after a gap or finds the node
   marked NotReady (its VMs were reported Unknown and must be re-reported).
@@ -86,9 +90,10 @@ class NodeAgent:
     def labels(self) -> dict:
         return {names.LABEL_KVM: "true" if vmm.kvm_status()[0] else "false"}
 
-    def status(self) -> dict:
+    def status(self, vouch: bool = True) -> dict:
+        """This node's status fields; `lastHeartbeatTime` only when the worker vouches for it."""
         runtime = self.ctx.runtime
-        return {
+        status = {
             "capacity": host_capacity(self.settings.capacity_vcpus, self.settings.capacity_memory_mib),
             "vmms": runtime.available_vmms(),
             "defaultVmm": runtime.default_vmm(),
@@ -96,8 +101,11 @@ class NodeAgent:
             "lastHeartbeatTime": conditions.now(),
             "workerVersion": mikrom.__version__,
         }
+        if not vouch:
+            del status["lastHeartbeatTime"]
+        return status
 
-    def register(self) -> dict:
+    def register(self, vouch: bool = True) -> dict:
         """Create this node's MicroVMNode if it is missing, label it, and heartbeat once."""
         body = {"apiVersion": names.API_VERSION, "kind": "MicroVMNode",
                 "metadata": {"name": self.node, "labels": self.labels()}, "spec": {"schedulable": True}}
@@ -112,14 +120,14 @@ class NodeAgent:
                                                       {"metadata": {"labels": self.labels()}},
                                                       _request_timeout=kube.TIMEOUT)
             how = "exists"
-        node = self.heartbeat()
+        node = self.heartbeat(vouch)
         log.info("registered MicroVMNode %s (%s)", self.node, how)
         return node
 
-    def heartbeat(self) -> dict:
-        node = kube.patch_node_status(self.node, self.status())
+    def heartbeat(self, vouch: bool = True) -> dict:
+        node = kube.patch_node_status(self.node, self.status(vouch))
         if node is None:  # deleted under us: register again
-            return self.register()
+            return self.register(vouch)
         self.cidr = (node.get("spec") or {}).get("cidr") or self.cidr
         return node
 
@@ -145,22 +153,26 @@ class NodeAgent:
 
     def _heartbeat_loop(self) -> None:
         registered = False
+        rounds = 0  # heartbeat rounds this process has completed: the first one vouches for nothing
         while not self.stopping.is_set():
+            settled = rounds > 0
             gap = False
             # the lease counts from before the write: the operator's view is never older than that
             sent = lease.boottime()
             api_ok = False
             try:
-                node = self.heartbeat() if registered else self.register()
+                node = self.heartbeat(settled) if registered else self.register(settled)
                 registered = True
                 api_ok = True
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any API failure
                 log.warning("heartbeat of %s failed: %s", self.node, exc)
             try:
-                self._renew_lease(api_ok, sent)
+                self._renew_lease(api_ok, sent, settled)
             except Exception as exc:  # noqa: BLE001 - an unrenewed lease fences; the loop goes on
                 log.error("fence lease round of %s failed: %s", self.node, exc)
-            self.first_round.set()
+            rounds += 1
+            if settled or not api_ok:  # adoption waits for the round that may renew the lease
+                self.first_round.set()
             try:
                 if not api_ok:
                     # the supervisors stop their VMMs when the lease runs out; this worker follows a
@@ -189,12 +201,13 @@ class NodeAgent:
                 log.warning("heartbeat of %s: %s", self.node, exc)
             self.stopping.wait(self.settings.heartbeat_seconds)
 
-    def _renew_lease(self, api_ok: bool, sent: float) -> None:
+    def _renew_lease(self, api_ok: bool, sent: float, settled: bool = True) -> None:
         """Tell the peers how this round went and renew the lease if fence.decide() allows."""
         s = self.settings
-        verdict = fencing.decide(api_ok, self.node, self.peers.exchange(api_ok), s.fence_peer_window_seconds)
+        verdict = fencing.decide(api_ok, self.node, self.peers.exchange(api_ok), s.fence_peer_window_seconds,
+                                 settled=settled)
         if verdict.reason != (self.verdict.reason if self.verdict else None):
-            (log.info if verdict.reason == "ApiReachable" else log.warning)(
+            (log.info if verdict.reason in ("ApiReachable", "Starting") else log.warning)(
                 "fence lease of %s: %s, %s (%s)", self.node, "renewing" if verdict.renew else "not renewing",
                 verdict.reason, verdict.message)
         self.verdict = verdict

@@ -4,6 +4,7 @@ RBAC authorization, service-account token signing and an admin client certificat
 from __future__ import annotations
 
 import base64
+import contextlib
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,22 @@ class ControlPlane:
     def stop(self) -> None:
         for p in reversed(self.processes):
             p.stop()
+
+    @contextlib.contextmanager
+    def apiserver_stopped(self, ready_timeout: float = 120):
+        """kill -9 the kube-apiserver (its storage stays up) for the block; then start it again on
+        the same port with the same flags, certificates and storage, and wait until it is ready,
+        so the kubeconfigs and tokens made before work again. Yields the stopped process."""
+        i, old = next((i, p) for i, p in enumerate(self.processes) if p.name == "kube-apiserver")
+        old.kill()
+        try:
+            yield old
+        finally:
+            new = procs.start(old.name, old.extra["argv"], old.log.parent)
+            new.extra.update(old.extra)
+            self.processes[i] = new
+            procs.STARTED[:] = [new if p is old else p for p in procs.STARTED]
+            wait_ready(self, new, timeout=ready_timeout)
 
 
 def _kubeconfig(path: Path, server: str, pki: Path, ca: Path | None = None) -> None:
@@ -141,6 +158,7 @@ def start(workdir: Path) -> ControlPlane:
             "--profiling=false",
             "--v=1",
         ], logs)
+        apiserver.extra["argv"] = apiserver.popen.args  # to start it again (apiserver_stopped)
         started.append(apiserver)
         server = f"https://127.0.0.1:{port}"
         kubeconfig = workdir / "kubeconfig"

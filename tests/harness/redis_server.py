@@ -43,6 +43,16 @@ class RedisServer:
         if self.proc is not None:
             self.proc.stop()
 
+    def restart(self) -> "RedisServer":
+        """Stop the server and start an empty one on the same port with the same password (no
+        persistence: every queue, result and key is gone, as after a pod restart without a volume)."""
+        old = self.proc
+        self.stop()
+        self.start()
+        # the session's list of servers (log tails, the loopback check) follows the new process
+        procs.STARTED[:] = [self.proc if p is old else p for p in procs.STARTED]
+        return self
+
 
 def start(workdir: Path) -> RedisServer:
     workdir.mkdir(parents=True, exist_ok=True)

@@ -15,12 +15,14 @@ Fixtures: `worker_kubeconfig`, `make_worker`, `celery_client`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -44,6 +46,8 @@ from .netns import link_exists, ping, run as netns_run  # noqa: F401
 from .vms import VMs, create_pool, e2e_skip_reason  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+"""libfaketime (Debian package `faketime`, hack/system-deps.sh)."""
 RBAC = REPO / "deploy" / "rbac" / "worker.yaml"
 SA_NAMESPACE = WORKER.namespace
 SA_NAME = WORKER.name
@@ -115,6 +119,51 @@ class WorkerProc:
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop(timeout=20)
+
+    def fake_clock(self, offset: str) -> "WorkerProc":
+        """Run the worker (from its next start) with its wall clock `offset` off ("-5m", "+300s"),
+        through libfaketime as LD_PRELOAD: CLOCK_REALTIME only, so CLOCK_MONOTONIC and
+        CLOCK_BOOTTIME (the lease's clock, the host's uptime) stay true, as on a node whose
+        clock is wrong. The VMMs' supervisors get a clean environment and the true clock."""
+        if not FAKETIME_LIB.exists():
+            raise FileNotFoundError(f"{FAKETIME_LIB}: apt-get install faketime (hack/system-deps.sh)")
+        self.env.update({"LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"})
+        return self
+
+    @contextlib.contextmanager
+    def crash_looping(self, up_until: str = "registered MicroVMNode"):
+        """For the block, a crash-looping worker: started, and kill -9'ed as soon as it logs
+        `up_until` (by default its first heartbeat round, registration), over and over. Yields
+        the list of starts so far; re-raises what went wrong in the loop at the end."""
+        stop, starts, failed = threading.Event(), [], []
+
+        def loop() -> None:
+            try:
+                while not stop.is_set():
+                    if self.proc is not None:
+                        self.kill()  # a crash, never a clean stop
+                    self.generation += 1
+                    argv = [sys.executable, "-m", "mikrom.cli", "worker", "--node", self.node, "--loglevel", "info",
+                            *self.extra_args]
+                    self.proc = procs.start(f"worker-{self.node}-{self.generation}", argv, self.logdir,
+                                            env=self.env, cwd=str(REPO))
+                    starts.append(time.monotonic())
+                    wait_for(lambda: up_until in self.log_text() or not self.proc.alive() or stop.is_set(), 60,
+                             f"the worker to log {up_until!r}", interval=0.05)
+                    self.kill()
+            except BaseException as exc:  # noqa: BLE001 - handed to the test at the end
+                failed.append(exc)
+
+        t = threading.Thread(target=loop, name=f"crash-loop-{self.node}", daemon=True)
+        t.start()
+        try:
+            yield starts
+        finally:
+            stop.set()
+            t.join(90)
+            self.kill()
+        if failed:
+            raise failed[0]
 
     def cleanup(self) -> None:
         """Stop the worker and every VMM process left under its state directory."""

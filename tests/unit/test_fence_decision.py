@@ -39,6 +39,18 @@ def test_a_worker_renews_its_lease_only_when_it_reaches_the_api_server_or_nobody
     assert verdict.message
 
 
+@pytest.mark.parametrize("api_ok, peers", [
+    (True, None),
+    (True, view({"b": 1}, {"b": 1})),
+    (False, view({"a": 0, "b": 1}, {"b": 20})),  # an outage would renew a settled worker
+], ids=["api-ok", "api-ok-with-peers", "outage"])
+def test_the_first_round_of_a_new_worker_process_renews_nothing(api_ok, peers):
+    # a worker that dies within a heartbeat period of each start must not keep its VMs alive
+    verdict = decide(api_ok, "a", peers, WINDOW, settled=False)
+    assert (verdict.renew, verdict.reason) == (False, "Starting")
+    assert decide(api_ok, "a", peers, WINDOW, settled=True).renew
+
+
 def test_a_node_s_own_entries_never_count_as_a_peer():
     # only "a" itself is alive and wrote just now (its previous round): no one vouches for an outage
     assert decide(False, "a", view({"a": 0}, {"a": 0}), WINDOW).reason == "NoLivePeers"
