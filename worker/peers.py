@@ -5,6 +5,12 @@ round) and `mikrom:apiwrite` (rounds whose heartbeat reached the API server). On
 round writes this node's entries and reads everyone's with the server's own clock, so node clocks
 never matter. The view feeds fence.decide(); a Redis failure gives None (the decision treats it
 as "no one to ask").
+
+Entries older than `prune_after(settings)` (an hour, or ten peer windows if that is longer) are
+removed by the same script, so a node gone for good (never stopped cleanly, so it never left)
+stays on the board at most that long after its last round. Only entries within the peer window
+count in the decision, so pruning older ones changes no verdict. An entry that is not a number
+(someone else's junk) is removed too.
 """
 
 from __future__ import annotations
@@ -20,13 +26,38 @@ log = logging.getLogger(__name__)
 SEEN_KEY = "mikrom:peerseen"
 API_WRITE_KEY = "mikrom:apiwrite"
 
+PRUNE_AFTER_MIN = 3600.0
+"""Seconds: the least age at which a node's entry is removed from the board."""
+
 _SCRIPT = """
 local t = redis.call('TIME')
-local now = string.format('%.6f', tonumber(t[1]) + tonumber(t[2]) / 1000000)
+local nowf = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now = string.format('%.6f', nowf)
 redis.call('HSET', KEYS[1], ARGV[1], now)
 if ARGV[2] == '1' then redis.call('HSET', KEYS[2], ARGV[1], now) end
-return {now, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+local horizon = nowf - tonumber(ARGV[3])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local flat = redis.call('HGETALL', key)
+  local kept = {}
+  for j = 1, #flat, 2 do
+    local at = tonumber(flat[j + 1])
+    if at == nil or at < horizon then
+      redis.call('HDEL', key, flat[j])
+    else
+      kept[#kept + 1] = flat[j]
+      kept[#kept + 1] = flat[j + 1]
+    end
+  end
+  out[i] = kept
+end
+return {now, out[1], out[2]}
 """
+
+
+def prune_after(settings) -> float:
+    """How old a board entry may get before any node's round removes it."""
+    return max(PRUNE_AFTER_MIN, 10 * settings.fence_peer_window_seconds)
 
 
 def _floats(flat: list) -> dict[str, float]:
@@ -54,7 +85,7 @@ class PeerBoard:
         """Record this round (and, if `api_ok`, this node's API write); everyone's entries."""
         try:
             now, seen, writes = self._redis().eval(_SCRIPT, 2, SEEN_KEY, API_WRITE_KEY, self.node,
-                                                   "1" if api_ok else "0")
+                                                   "1" if api_ok else "0", repr(prune_after(self.settings)))
             return PeerView(now=float(now), seen=_floats(seen), api_writes=_floats(writes))
         except Exception as exc:  # noqa: BLE001 - any failure means: no peer to ask
             log.debug("peer board unreachable: %s", exc)
