@@ -85,3 +85,38 @@ def test_an_event_recorded_again_after_the_process_forgot_it_counts_on(mikrom_cl
         kube.event(vm, "Started", "the guest is up (node n1)", component="mikrom-worker")
     events = [e for e in mvms.events(vm["metadata"]["uid"]) if e.reason == "Started"]
     assert [e.count for e in events] == [5]
+
+
+def test_a_hundred_real_failed_downloads_of_one_vm_are_a_handful_of_events_whose_counts_add_up(fleet, make_worker,
+                                                                                                 netns, tmp_path):
+    """The real path end to end: the operator places the VM, the node worker tries its kernel URL,
+    the loopback server answers 404, the worker reports Failed ("retrying") and its periodic sync
+    (every 0.2 s here) tries again, a hundred times, each time through Provisioning and back."""
+    from harness.http_files import FileServer
+    from harness.waits import wait_for
+
+    empty = tmp_path / "served"
+    empty.mkdir()
+    with FileServer(empty) as server:
+        worker = make_worker(netns=netns, image_url_allowed_cidrs="127.0.0.1/32", sync_interval_seconds=0.2)
+        fleet.node = worker.node
+        fleet.create("unfetchable", network=False,
+                     image={"kernel": {"url": server.url("vmlinuz"), "sha256": "a" * 64},
+                            "initrd": {"url": server.url("initrd.img"), "sha256": "b" * 64}})
+
+        def failed_downloads():
+            events = [e for e in fleet.events("unfetchable") if e.reason == "ImageDownloadFailed"]
+            return sum(e.count or 1 for e in events) >= 100 and events
+
+        wait_for(failed_downloads, 240, "a hundred failed downloads reported")
+        fleet.patch("unfetchable", {"spec": {"runStrategy": "Halted"}})  # stop trying
+        fleet.wait_phase("unfetchable", "Stopped", timeout=60)
+        attempts = len(server.hits)
+    events = fleet.events("unfetchable")
+    failed = [e for e in events if e.reason == "ImageDownloadFailed"]
+    assert attempts >= 100 and set(server.hits) <= {"/vmlinuz", "/initrd.img"}
+    assert len(events) <= 6, [(e.reason, e.count, e.message) for e in events]
+    assert len(failed) == 1 and failed[0].type == "Warning" and failed[0].count >= 100
+    assert failed[0].message.startswith("spec.image.kernel.url: the download failed")
+    # every failure was reported: one count per attempt, give or take the attempt in flight
+    assert attempts - 2 <= sum(e.count for e in failed) <= attempts, (attempts, failed[0].count)
