@@ -211,7 +211,8 @@ def test_console_prints_and_follows_the_vms_console_log_across_rotation(mvms, mi
     vm_dir.mkdir(parents=True)
     (vm_dir / "console.log").write_text("Linux version 6.1\nlogin: \n")
     once = subprocess.run([str(PLUGIN), "--kubeconfig", str(mikrom_cluster.kubeconfig), "-n", namespace, "console",
-                           "chatty", "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
+                           "chatty", "--log", "--state-dir", str(tmp_path / "state")], capture_output=True, text=True,
+                          timeout=60)
     assert once.returncode == 0, once.stderr
     assert once.stdout == "Linux version 6.1\nlogin: \n"
 
@@ -232,7 +233,21 @@ def test_console_prints_and_follows_the_vms_console_log_across_rotation(mvms, mi
     finally:
         follower.kill()
         follower.wait(10)
-    missing = subprocess.run([str(PLUGIN), "--kubeconfig", str(mikrom_cluster.kubeconfig), "-n", namespace, "console",
-                              "chatty", "--state-dir", str(tmp_path / "elsewhere")], capture_output=True, text=True,
-                             timeout=60)
-    assert missing.returncode == 1 and "--via-pod" in missing.stderr and "Traceback" not in missing.stderr
+    for mode in ("--log", "--follow"):
+        missing = subprocess.run([str(PLUGIN), "--kubeconfig", str(mikrom_cluster.kubeconfig), "-n", namespace,
+                                  "console", "chatty", mode, "--state-dir", str(tmp_path / "elsewhere")],
+                                 capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 1 and "--via-pod" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_an_interactive_console_without_a_socket_is_a_clear_error(mvms, mikrom_cluster, namespace, tmp_path):
+    """No supervisor keeps a console socket there (the VM does not run on this machine, or has
+    stopped): an error naming what is missing, and the terminal is never touched."""
+    uid = mvms.create("quiet")["metadata"]["uid"]
+    mvms.patch_status("quiet", {"phase": "Running", "node": "this-node"})
+    (tmp_path / "state" / "vms" / uid).mkdir(parents=True)
+    res = subprocess.run([str(PLUGIN), "--kubeconfig", str(mikrom_cluster.kubeconfig), "-n", namespace, "console",
+                          "quiet", "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"no console socket at {tmp_path}/state/vms/{uid}/console.sock" in res.stderr and "--via-pod" in res.stderr
