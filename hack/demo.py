@@ -36,6 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from harness import controlplane, operator_proc, procs, redis_server, worker_proc  # noqa: E402
 
 STATE_FILE = Path.home() / ".cache" / "mikrom" / "demo.json"
+NETNS_PREFIX = "mkdemo-"
+"""The demo's network namespace is named this plus 8 hex digits (the tests' are `mkt-`)."""
 
 
 def say(msg: str) -> None:
@@ -82,8 +84,8 @@ def main() -> int:
         stack.append(op)
         op.wait_live()
 
-        say("starting the node worker (its network lives in namespace mikrom-demo-*)")
-        netns = worker_proc.netns_create()
+        netns = worker_proc.netns_create(prefix=NETNS_PREFIX)
+        say(f"starting the node worker (its bridge, taps and VMs live in network namespace {netns})")
         wk_kubeconfig = worker_proc.service_account_kubeconfig(cp, work / "worker" / "kubeconfig")
         node = "demo-node"
         env = worker_proc.worker_env(kubeconfig=wk_kubeconfig, broker_url=redis.url(), node=node,
@@ -103,7 +105,7 @@ def main() -> int:
                                         f"--basic_auth=admin:{flower_password}"], work / "flower", env=celery_env)
         stack.append(flower)
         procs.wait_port(flower_port, 90, flower)
-        record(Path(args.state_file), work, stack, worker)
+        record(Path(args.state_file), work, stack, worker, netns)
 
         say("kubectl apply -f examples/microvm.yaml")
         applied = time.monotonic()
@@ -166,13 +168,30 @@ def _pids(part) -> list[int]:
     return found
 
 
-def record(path: Path, work: Path, stack: list, worker) -> None:
-    """Write the demo's PID and its parts' PIDs with their command lines, for `--down`."""
+def pids_under(workdir: str) -> list[int]:
+    """Live processes whose command line names the demo's directory or which run inside it."""
+    root = str(Path(workdir).resolve())
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            cwd = ""
+        if root in _cmdline(int(entry)) or cwd == root or cwd.startswith(root + "/"):
+            found.append(int(entry))
+    return found
+
+
+def record(path: Path, work: Path, stack: list, worker, netns: str) -> None:
+    """Write the demo's PID and its parts' PIDs with their command lines, and its network
+    namespace, for `--down`."""
     pids = [{"pid": pid, "cmdline": _cmdline(pid)} for part in stack for pid in _pids(part)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"demo": {"pid": os.getpid(), "cmdline": _cmdline(os.getpid())}, "workdir": str(work),
-                               "state_dir": str(worker.state_dir), "processes": pids}, indent=1))
+                               "state_dir": str(worker.state_dir), "netns": netns, "processes": pids}, indent=1))
     tmp.replace(path)
 
 
@@ -217,6 +236,15 @@ def down(path: Path, grace: float = 90) -> int:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # anything else still running from the demo's directory (a part's child that outlived it)
+    for pid in pids_under(state["workdir"]):
+        print(f"  killing {pid}: {_cmdline(pid)[:100]}")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if state.get("netns"):  # the demo removes it when it stops in order; not when it was killed
+        worker_proc.netns_delete(state["netns"])
     path.unlink(missing_ok=True)
     say("demo stopped")
     return 0
