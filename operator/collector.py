@@ -19,6 +19,9 @@ class OperatorCollector:
         for phase, count in sorted(phases.items()):
             vms.add_metric([phase], count)
         yield vms
+        yield GaugeMetricFamily("mikrom_operator_microvms_reconciled",
+                                "MicroVMs a reconcile of this process has taken up since it started (after a "
+                                "restart: how far it has caught up with mikrom_microvms)", value=STATE.reconciled())
         nodes = GaugeMetricFamily("mikrom_microvmnodes", "MicroVMNodes by their Ready condition", labels=["ready"])
         ready = {"True": 0, "False": 0, "Unknown": 0}
         for node in STATE.nodes().values():

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mikrom import names
 from mikrom.settings import Settings
 
 from . import placement
@@ -57,6 +58,31 @@ def _copy(body: dict) -> dict:
     return copy.deepcopy(out)
 
 
+_VM_METADATA = ("name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp",
+                "deletionTimestamp", "finalizers")
+"""What the operator reads of a MicroVM's metadata (decide, the status writes, Events)."""
+_VM_ANNOTATIONS = names.GROUP + "/"
+"""Only Mikrom's own annotations (restartedAt, force-delete) are read; kopf's progress and diff
+base (under operator.mikrom.io/) and kubectl's last-applied-configuration each repeat the object."""
+
+
+def _vm_copy(body: dict) -> dict:
+    """What the view keeps of a MicroVM: spec and status whole (decide reads them), and of its
+    metadata only the fields read here. Without managedFields, labels and foreign annotations a
+    VM costs its spec and status, whatever a tenant or a tool piles onto its metadata."""
+    meta = body.get("metadata") or {}
+    kept = {k: meta[k] for k in _VM_METADATA if k in meta}
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(_VM_ANNOTATIONS)}
+    if annotations:
+        kept["annotations"] = annotations
+    out = {k: body[k] for k in ("apiVersion", "kind") if k in body}
+    out["metadata"] = copy.deepcopy(kept)
+    for k in ("spec", "status"):
+        if k in body:
+            out[k] = copy.deepcopy(body[k])
+    return out
+
+
 def _uid(body: dict) -> str:
     return (body.get("metadata") or {}).get("uid", "")
 
@@ -84,6 +110,9 @@ class State:
         self._vm_locks: dict[str, threading.Lock] = {}
         self._seen: dict[tuple[str, str], float] = {}
         self._gone: dict[str, None] = {}  # insertion-ordered, trimmed to GONE_REMEMBERED
+        self._taken_up: set[str] = set()
+        """VMs a reconcile of this process has started from (`latest`): after a restart, how far
+        the new process has caught up (the gauge mikrom_operator_microvms_reconciled)."""
         self.placement_lock = threading.Lock()
         """Held while choosing a node and reserving it: placements are serialised."""
         self.waker: Callable[[], None] | None = None
@@ -96,12 +125,12 @@ class State:
         uid = _uid(body)
         with self._lock:
             if uid in self._gone:  # a late write's answer must not bring a deleted VM back
-                return _copy(body)
+                return _vm_copy(body)
             self._seen[("vm", uid)] = time.monotonic()
             known = self._vms.get(uid)
             if known is not None and _rv(known) >= _rv(body):
                 return known
-            body = _copy(body)
+            body = _vm_copy(body)
             self._vms[uid] = body
             phase = (body.get("status") or {}).get("phase")
             last = self._progress.get(uid)
@@ -124,6 +153,7 @@ class State:
             held = self._reservations.pop(uid, None)
             for d in (self._delivered, self._failures, self._progress, self._vm_locks):
                 d.pop(uid, None)
+            self._taken_up.discard(uid)
             self._seen.pop(("vm", uid), None)
         if (known is not None and placement.holds(known)) or held:
             self.wake()
@@ -193,8 +223,17 @@ class State:
             return self._vms.get(uid)
 
     def latest(self, body: dict) -> dict:
-        """The newest known version of the VM `body` is a version of."""
-        return self.observe_vm(body)
+        """The newest known version of the VM `body` is a version of: what a reconcile starts from."""
+        newest = self.observe_vm(body)
+        with self._lock:
+            if _uid(body) in self._vms:
+                self._taken_up.add(_uid(body))
+        return newest
+
+    def reconciled(self) -> int:
+        """How many of the VMs known now a reconcile of this process has started from."""
+        with self._lock:
+            return len(self._taken_up & self._vms.keys())
 
     def node(self, name: str) -> dict | None:
         with self._lock:

@@ -7,6 +7,12 @@ reads the real Celery message format (task name in the headers, `(args, kwargs, 
 body); re-reads each MicroVM and patches its status (Provisioning, Running with an address from the
 node's block, Stopping, Stopped, restartedAt, cleanedUpAt). It boots nothing. Every message it
 takes is recorded, so tests can count them. A node can stop heartbeating or stop answering.
+
+Its status sync: by default each heartbeat re-reads the VMs a node runs (cheap for a test's few).
+With `sync_seconds`, each node instead runs the real worker's selection every `sync_seconds`
+(`mikrom.worker.maintenance.sync_targets`: one LIST of the node's VMs by field selector, plus the
+VMs it runs that are not in it) and reads each VM once, as the real sync's reconcile does, so a
+benchmark sees the API requests the real workers make.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from mikrom import conditions, names
+from mikrom.worker import maintenance
 
 from .microvms import MicroVMClient
 
@@ -65,24 +72,30 @@ class FakeNode:
 
 
 class FakeWorker:
-    def __init__(self, kubeconfig: str, redis_url: str, heartbeat_seconds: float = 1.0):
+    def __init__(self, kubeconfig: str, redis_url: str, heartbeat_seconds: float = 1.0, sync_seconds: float = 0.0,
+                 threads: int = 8):
         from kubernetes import config
 
         cfg = client.Configuration()
         config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-        cfg.connection_pool_maxsize = 16
+        cfg.connection_pool_maxsize = max(16, threads + 8)
         self._api = client.ApiClient(cfg)
         self.custom = client.CustomObjectsApi(self._api)
         self.cluster = MicroVMClient(self._api, "")
         """Reads and removes the MicroVMNodes (cluster-scoped: no namespace)."""
         self.redis_url = redis_url
         self.heartbeat_seconds = heartbeat_seconds
+        self.sync_seconds = sync_seconds
+        self.syncs: dict[str, int] = {}
+        """Node name -> status syncs completed."""
         self.nodes: dict[str, FakeNode] = {}
         self._messages: list[Message] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="fake-worker")
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fake-worker")
+        self._sync_pool = concurrent.futures.ThreadPoolExecutor(maintenance.SYNC_PARALLEL,
+                                                                thread_name_prefix="fake-worker-sync")
         self._spawn(self._heartbeat_loop, "heartbeat")
 
     # ------------------------------------------------------------------ nodes
@@ -100,6 +113,8 @@ class FakeWorker:
         self._beat(node, full=True)
         node.heartbeating.set()
         self._spawn(lambda: self._consume(node), f"consume-{name}")
+        if self.sync_seconds:
+            self._spawn(lambda: self._sync_loop(node), f"sync-{name}")
         return node
 
     def stop_heartbeat(self, name: str) -> None:
@@ -132,15 +147,35 @@ class FakeWorker:
 
     def _rereport(self, node: FakeNode) -> None:
         """As a worker's status sync does: VMs it runs that read Unknown are reported again."""
-        if not node.answering:
+        if not node.answering or self.sync_seconds:
             return
         for uid, (ns, name) in list(node.running.items()):
-            vm = self._get(ns, name)
-            st = (vm or {}).get("status") or {}
-            if vm and vm["metadata"]["uid"] == uid and st.get("node") != node.name:
-                node.running.pop(uid, None)  # placed elsewhere while this node was lost: let go
-            elif vm and vm["metadata"]["uid"] == uid and st.get("phase") == "Unknown":
-                self._patch(ns, name, uid, lambda cur: {"phase": "Running", "reason": "", "message": "running"})
+            self._sync_one(node, ns, name, uid)
+
+    def _sync_one(self, node: FakeNode, ns: str, name: str, uid: str) -> None:
+        vm = self._get(ns, name)
+        st = (vm or {}).get("status") or {}
+        if vm is None or vm["metadata"]["uid"] != uid:
+            return
+        if st.get("node") != node.name:
+            node.running.pop(uid, None)  # placed elsewhere while this node was lost: let go
+        elif st.get("phase") == "Unknown" and uid in node.running:
+            self._patch(ns, name, uid, lambda cur: {"phase": "Running", "reason": "", "message": "running"})
+
+    def _sync_loop(self, node: FakeNode) -> None:
+        """The real worker's sync selection every `sync_seconds`, each VM read once (a hung node
+        syncs nothing, as its tasks go unanswered)."""
+        while not self._stop.wait(self.sync_seconds):
+            if not node.answering or not node.heartbeating.is_set():
+                continue
+            try:
+                held = {uid: {"namespace": ns, "name": name} for uid, (ns, name) in list(node.running.items())}
+                targets = maintenance.sync_targets(node.name, held, api=self.custom)
+                refs = [(t["metadata"]["namespace"], t["metadata"]["name"], t["metadata"]["uid"]) for t in targets]
+                list(self._sync_pool.map(lambda r: self._sync_one(node, *r), refs))
+                self.syncs[node.name] = self.syncs.get(node.name, 0) + 1
+            except Exception as exc:  # noqa: BLE001 - the next round tries again, as the worker's does
+                log.warning("sync of %s failed: %s", node.name, exc)
 
     # ------------------------------------------------------------------ messages
 
@@ -279,6 +314,7 @@ class FakeWorker:
         for t in self._threads:
             t.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._sync_pool.shutdown(wait=True, cancel_futures=True)
         for name in self.nodes:
             try:
                 self.cluster.patch_cluster_object(names.MICROVMNODES, name, {"metadata": {"finalizers": None}})
