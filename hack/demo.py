@@ -132,8 +132,9 @@ def main() -> int:
         print(f"\n  Flower:      http://127.0.0.1:{flower_port}/  (user admin, password {flower_password})"
               f"\n  export KUBECONFIG={cp.kubeconfig}"
               f"\n  export PATH={controlplane.binaries.require('kubectl').parent}:{plugin}:$PATH"
-              f"\n  kubectl mikrom list -A; kubectl mikrom restart -n default hello; "
-              f"kubectl mikrom console -n default hello --state-dir {work / 'state'}"
+              f"\n  kubectl mikrom list -A; kubectl mikrom restart -n default hello"
+              f"\n  kubectl mikrom console -n default hello --state-dir {work / 'state'}   "
+              f"# the serial console, Ctrl-] detaches; --follow: the log only"
               f"\n  logs and state: {work}\n\nCtrl-C or `make demo-down` stops everything.", flush=True)
         # blocked only now, so the children started above keep the default SIGTERM action
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

@@ -458,7 +458,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def interactive(remote_in: int, remote_out: int, stdin: int = 0, stdout: int = 1, banner: str = "") -> bool:
+def interactive(remote_in: int, remote_out: int, stdin: int = 0, stdout: int = 1, banner: str = "",
+                stderr: int = 2) -> bool:
     """Relay the terminal to the console: what the user types goes to `remote_out`, what comes
     from `remote_in` to the screen. The terminal is raw meanwhile (Ctrl-C and friends reach the
     guest) and restored however the session ends. True when the user detached (Ctrl-], or the end
@@ -473,7 +474,7 @@ def interactive(remote_in: int, remote_out: int, stdin: int = 0, stdout: int = 1
         if saved is not None:
             tty.setraw(stdin, termios.TCSANOW)
         if banner:
-            _write_all(2, banner.encode())
+            _write_all(stderr, banner.encode())
         while True:
             readable, _, _ = select.select([stdin, remote_in], [], [])
             if remote_in in readable:

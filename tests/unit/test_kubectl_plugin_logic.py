@@ -76,3 +76,69 @@ def test_console_path_refuses_a_uid_that_leaves_the_state_directory():
     for bad in ("../etc", "..", "", "a/b"):
         with pytest.raises(kp.PluginError):
             kp.console_path("/var/lib/mikrom", bad)
+
+
+def _terminal_session(typed: bytes, remote_says: bytes = b"", hang_up: bool = False):
+    """Run `interactive` on a pty (the terminal) and a socket pair (the console): what reached the
+    console, what the terminal showed, the terminal's settings during and after, the result."""
+    import os
+    import socket
+    import termios
+    import threading
+
+    master, slave = os.openpty()
+    ours, console = socket.socketpair()
+    before = termios.tcgetattr(slave)
+    during = {}
+    result = {}
+
+    def run():
+        result["detached"] = kp.interactive(ours.fileno(), ours.fileno(), stdin=slave, stdout=slave, stderr=slave,
+                                            banner="hi\r\n")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert os.read(master, 100) == b"hi\r\n"  # the banner comes once the terminal is raw
+    during["settings"] = termios.tcgetattr(slave)
+    if remote_says:
+        console.sendall(remote_says)
+        shown = b""
+        while len(shown) < len(remote_says):
+            shown += os.read(master, 100)
+        during["shown"] = shown
+    os.write(master, typed)
+    if hang_up:
+        console.close()
+    thread.join(10)
+    assert not thread.is_alive()
+    received = b""
+    if not hang_up:
+        console.settimeout(1)
+        console.shutdown(socket.SHUT_WR)
+        try:
+            while chunk := console.recv(100):
+                received += chunk
+        except (TimeoutError, OSError):
+            pass
+        console.close()
+    after = termios.tcgetattr(slave)
+    ours.close()
+    os.close(master)
+    os.close(slave)
+    return received, during, before, after, result["detached"]
+
+
+def test_interactive_console_sends_keys_raw_detaches_on_ctrl_bracket_and_restores_the_terminal():
+    import termios
+
+    received, during, before, after, detached = _terminal_session(b"ls\x03\r\x1d never sent", b"guest says\r\n")
+    assert detached is True
+    assert received == b"ls\x03\r"  # Ctrl-C and the rest reach the guest as typed; nothing after Ctrl-]
+    assert during["shown"] == b"guest says\r\n"
+    assert not during["settings"][3] & (termios.ECHO | termios.ICANON | termios.ISIG)
+    assert after == before
+
+
+def test_interactive_console_ends_undetached_when_the_console_hangs_up_and_restores_the_terminal():
+    _, _, before, after, detached = _terminal_session(b"", hang_up=True)
+    assert detached is False and after == before

@@ -4,7 +4,8 @@ The API is HTTP/1.1 over a unix socket (spec: Firecracker's firecracker-api yaml
 the tests validate every request against). `build_requests` is the whole configuration as data;
 `start` sends it in order, ending with `InstanceStart`. A graceful stop is the `SendCtrlAltDel`
 action (the guest sees Ctrl-Alt-Del on its i8042 and reboots, which ends Firecracker); the base
-driver kills after the timeout.
+driver kills after the timeout. The guest's serial port is Firecracker's stdin and stdout (the
+jailer, not daemonized, keeps them): the supervisor's pipes, as for QEMU (consolecap.py).
 
 With a `JailerConfig` the VMM runs through Firecracker's `jailer` (chroot, dropped uid/gid,
 cgroup v2) as its VM's own uid and gid from the sandbox range (sandbox.py). Each file is named

@@ -1,7 +1,8 @@
 """QEMU `microvm` driver: KVM when it is really usable, software emulation (TCG) otherwise.
 
-The guest's serial console goes to QEMU's stdout, which the supervisor (consolecap.py) drains into
-the capped console log. A QMP socket in the state dir is the control channel; a graceful stop is
+The guest's serial console is QEMU's stdio (`-serial stdio`): stdout, which the supervisor
+(consolecap.py) drains into the capped console log, and stdin, a pipe the supervisor feeds from
+the VM's interactive console socket. A QMP socket in the state dir is the control channel; a graceful stop is
 QMP `system_powerdown` (the ACPI power button), which a guest handles like a real one (systemd
 logind, or acpid in our test image).
 
