@@ -298,7 +298,7 @@ class ConsoleRelay:
     def _accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+        except OSError:  # nobody waiting after all, or no descriptor left: the attached client stays
             return
         conn.setblocking(False)
         try:
