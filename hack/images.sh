@@ -8,13 +8,15 @@
 #   operator  Dockerfile.operator  \  `buildah bud --pull=false --build-arg BASE_IMAGE=<base>`;
 #   worker    Dockerfile.worker    /  Python 3.11 and the hash-locked requirements.lock inside
 #   pause     the pod sandbox: busybox-static and hack/images/pause, which exits on TERM or INT
+#   redis     Debian's redis-server and redis-tools on the base, uid 999: the stand-in for
+#             docker.io/library/redis, the chart's default (Redis and Sentinel pods)
 #
 # Each image is tagged localhost/mikrom/NAME:<hash of its inputs> (Dockerfile, the package
 # sources, requirements.lock, the base image's ID, build arguments, the build steps below) and
 # built only when no archive for that hash exists. A built image must pass a smoke run (imports,
 # `celery --version`, the worker's binaries, pause's exit on TERM) before it is exported.
 # Writes $CACHE/images.json, {"pause": {"ref": ..., "archive": ..., "id": ...}, "operator": ...,
-# "worker": ...}, and prints its path. Logs go to stderr.
+# "worker": ..., "redis": ...}, and prints its path. Logs go to stderr.
 #
 # Honoured: MIKROM_IMAGE_CACHE (default ~/.cache/mikrom/oci), MIKROM_DEBIAN_MIRROR and
 # MIKROM_DEBIAN_SECURITY_MIRROR (default: what this machine's apt uses), MIKROM_FIRECRACKER_VERSION
@@ -232,6 +234,66 @@ ensure_pause() {
   record pause "$ref" "$archive"
 }
 
+# ---- redis: Debian's redis-server on the base ---------------------------------------------
+
+# The stand-in for docker.io/library/redis, the chart's default: Debian's redis-server and
+# redis-tools (redis-cli, and `redis-server --sentinel`) on the base image, the `redis` account
+# made uid/gid 999 first (the official image's, which the chart's securityContext runs as) so the
+# package's postinst adopts it. No entrypoint: the chart names the command. A policy-rc.d keeps
+# the postinst from starting a server during the build.
+build_redis() { # ref
+  local ref=$1 c
+  c=$(buildah from --pull=false "$BASE_ID")
+  "${NICE[@]}" buildah run --network host "$c" -- sh -euc '
+    groupadd --system --gid 999 redis
+    useradd --system --uid 999 --gid 999 --home-dir /var/lib/redis --no-create-home --shell /usr/sbin/nologin redis
+    printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server redis-tools >/dev/null
+    rm -rf /usr/sbin/policy-rc.d /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
+    install -d -o redis -g redis -m 0750 /data' >"$WORK/redis.log" 2>&1 ||
+    { tail -n 40 "$WORK/redis.log" >&2; buildah rm "$c" >/dev/null; return 1; }
+  # the base's CMD goes first: with it set, an empty entrypoint makes buildah warn
+  buildah config --cmd '["redis-server"]' "$c"
+  buildah config --user 999:999 --workingdir /data --entrypoint '[]' --stop-signal TERM \
+    --label "org.opencontainers.image.description=Redis (Debian $SUITE's redis-server and redis-tools), uid 999" "$c"
+  buildah commit -q --rm "$c" "$ref" >/dev/null
+}
+
+# As the chart runs it: uid 999, a server that answers PING, and a Sentinel (the same binary
+# with --sentinel) that answers too; both on loopback, in a container with no network.
+smoke_redis() { # ref
+  in_image "$1" sh -euc '
+    [ "$(id -u):$(id -g)" = 999:999 ]
+    ping() { i=0; until [ "$(timeout 2 redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = PONG ]; do
+      i=$((i + 1)); [ "$i" -lt 100 ] || { echo "no PONG on port $1" >&2; return 1; }; sleep 0.1; done; }
+    redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir /tmp --daemonize yes
+    ping 6379
+    printf "port 26379\nbind 127.0.0.1\ndir /tmp\nsentinel monitor m 127.0.0.1 6379 1\n" >/tmp/sentinel.conf
+    redis-server /tmp/sentinel.conf --sentinel --daemonize yes
+    ping 26379
+    redis-cli -p 26379 shutdown nosave >/dev/null 2>&1 || true
+    redis-cli -p 6379 shutdown nosave >/dev/null 2>&1 || true'
+}
+
+ensure_redis() {
+  local h ref archive t0=$SECONDS
+  h=$( { echo "$BASE_ID"; declare -f build_redis smoke_redis; } | short)
+  ref="localhost/mikrom/redis:$h"
+  archive="$CACHE/redis-$h.tar"
+  if [ -f "$archive" ] && [ -f "$archive.id" ]; then
+    log "cached: $ref"
+  else
+    log "building $ref (Debian's redis-server on the base)"
+    build_redis "$ref"
+    smoke_redis "$ref" || { log "smoke: $ref failed"; return 1; }
+    log "smoke: $ref passed"
+    export_image redis "$ref" "$archive"
+    log "built $ref in $((SECONDS - t0)) s"
+  fi
+  record redis "$ref" "$archive"
+}
+
 # ---- operator and worker: the Dockerfiles ------------------------------------------------
 
 # The build context holds exactly what the Dockerfiles copy, staged from the working tree (no
@@ -356,5 +418,6 @@ ensure_pause
 ensure_base
 ensure_app operator Dockerfile.operator
 ensure_app worker Dockerfile.worker "${fc_args[@]}"
+ensure_redis
 write_manifest
 echo "$CACHE/images.json"

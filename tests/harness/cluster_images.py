@@ -1,7 +1,8 @@
 """The images the test cluster runs, as OCI archives, and loading them into its containerd.
 
-The project's own images (pause, operator, worker) come from `hack/images.sh`, which prints the
-path of its manifest `{"pause": {"ref": ..., "archive": ...}, "operator": ..., "worker": ...}`. The
+The project's own images (pause, operator, worker, and redis, Debian's redis-server for the chart's
+Redis and Sentinel pods) come from `hack/images.sh`, which prints the path of its manifest
+`{"pause": {"ref": ..., "archive": ...}, "operator": ..., "worker": ..., "redis": ...}`. The
 cluster's add-ons (CoreDNS, Traefik) are single static binaries from the testbin cache: each gets
 a tiny image of its own here (`buildah from scratch` + the binary as entrypoint), tagged by the
 binary's hash and exported beside that manifest, so an unchanged binary is never rebuilt. There is
@@ -24,6 +25,10 @@ BUILDER_REVISION = "1"
 """Part of every add-on image's tag: bump it when binary_image() builds images differently."""
 
 
+PROJECT_IMAGES = ("pause", "operator", "worker", "redis")
+"""What hack/images.sh builds, every one loaded into the cluster."""
+
+
 class ImageError(RuntimeError):
     """An image could not be built or loaded; the cluster cannot start without it."""
 
@@ -36,11 +41,11 @@ def project_images(timeout: float = 3600) -> tuple[dict, Path]:
         raise ImageError(f"hack/images.sh failed ({res.returncode}):\n{res.stderr[-4000:]}")
     path = Path(res.stdout.strip().splitlines()[-1])
     manifest = json.loads(path.read_text())
-    for name in ("pause", "operator", "worker"):
+    for name in PROJECT_IMAGES:
         entry = manifest.get(name) or {}
         if not entry.get("ref") or not Path(entry.get("archive", "")).is_file():
             raise ImageError(f"{path}: no usable {name!r} image in {manifest!r}")
-    return {name: manifest[name] for name in ("pause", "operator", "worker")}, path.parent
+    return {name: manifest[name] for name in PROJECT_IMAGES}, path.parent
 
 
 def _buildah(*args: str, timeout: float = 300) -> str:
