@@ -21,7 +21,8 @@ SERVICES = ("worker", "beat", "flower", "events")
 
 settings = Settings.from_env()
 
-app = Celery("mikrom", include=["mikrom.worker.tasks"])
+# events: heartbeats retry for seconds, not forever (a warm shutdown must not outlive its Redis)
+app = Celery("mikrom", include=["mikrom.worker.tasks"], events="mikrom.celery_events:Events")
 celery_app = app  # the original guide's name for it
 
 
