@@ -5,7 +5,8 @@ beside its floor, a kopf operator that does nothing but send that message (bench
 It starts what the integration tests start (tests/harness): a real kube-apiserver on kine, a real
 redis-server, the CRDs and the operator's RBAC, and, as their own processes with the
 mikrom-operator ServiceAccount, `mikrom operator` serving namespace `bench` and the floor operator
-serving namespace `floor` (both standalone). Fake nodes register,
+serving namespace `floor` (both standalone, kopf's own per-object log at WARNING: Mikrom's
+operator sets it so, the floor runs `kopf run --quiet`). Fake nodes register,
 heartbeat and consume their queues (they record messages and boot nothing). For each operator it
 reports the time from "the API server accepted the create" to "the message was taken from the node's
 queue in Redis", in two phases:
@@ -17,6 +18,9 @@ queue in Redis", in two phases:
   was accepted the last message arrived, and messages missing or duplicated.
 
     .venv/bin/python bench/dispatch.py [--single 20] [--count 200] [--clients 8] [--nodes 4]
+
+One self-contained command (it starts and stops everything it uses); it prints the load average
+at its start and end, since other work on the machine moves every figure.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the logs (printed path)")
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="mikrom-bench-"))
     started: list = []
     worker = None
@@ -175,7 +180,8 @@ def main() -> int:
 
         print()
         print(f"setup: {args.nodes} fake nodes; Mikrom's operator with {os.environ.get('MIKROM_OPERATOR_WORKERS', 16)} "
-              f"handler threads; {os.cpu_count()} CPUs")
+              f"handler threads; {os.cpu_count()} CPUs; load average {_load(load_at_start)} at the start, "
+              f"{_load(os.getloadavg())} at the end (1, 5, 15 min)")
         bad = False
         for phase, data in (("one at a time", single), (f"burst ({args.count} from {args.clients} clients)", burst)):
             if not any(data.values()):
@@ -210,12 +216,16 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _load(avg: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in avg)
+
+
 def start_floor(broker: str, kubeconfig: Path, workdir: Path, nodes: list[str]) -> operator_proc.Operator:
     port = procs.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIKROM_") and k != "KUBECONFIG"}
     env.update({"KUBECONFIG": str(kubeconfig), "MIKROM_BROKER_URL": broker, "PYTHONUNBUFFERED": "1",
                 "FLOOR_NODES": ",".join(nodes)})
-    argv = [str(Path(sys.executable).with_name("kopf")), "run", "--standalone", "-n", "floor",
+    argv = [str(Path(sys.executable).with_name("kopf")), "run", "--quiet", "--standalone", "-n", "floor",
             "--liveness", f"http://127.0.0.1:{port}/healthz", str(REPO / "bench" / "floor_operator.py")]
     proc = procs.start("floor-operator", argv, workdir, env=env, cwd=str(workdir))
     return operator_proc.Operator(proc=proc, liveness_port=port)

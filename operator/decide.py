@@ -106,8 +106,6 @@ class Decision:
     status_patch: Mapping | None = None
     messages: tuple[Message, ...] = ()
     events: tuple[Event, ...] = ()
-    finalizer_add: bool = False
-    """The object lacks the operator's finalizer: add it right before the status write."""
     finalizer_remove: bool = False
     """Deletion: the node confirmed, or the wait is over: let the object go."""
     requeue_after: float | None = None
@@ -181,14 +179,11 @@ def because(vm: Mapping, intent: Intent) -> str:
 def decide(vm: Mapping, view: ClusterView, now: float, settings: Settings) -> Decision:
     """What the operator does about `vm` now. Pure."""
     meta = _meta(vm)
-    finalizer_add = names.FINALIZER not in (meta.get("finalizers") or []) and not meta.get("deletionTimestamp")
     if meta.get("deletionTimestamp"):
         return finalize(vm, view, now, settings)
     if not _status(vm).get("node"):
-        d = schedule(vm, view, now)
-    else:
-        d = follow(vm, view, now, settings)
-    return replace(d, finalizer_add=finalizer_add) if finalizer_add else d
+        return schedule(vm, view, now)
+    return follow(vm, view, now, settings)
 
 
 def schedule(vm: Mapping, view: ClusterView, now: float) -> Decision:

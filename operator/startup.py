@@ -7,6 +7,8 @@ The watch-to-message path is tuned for latency; `configure` says how and why.
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -18,26 +20,72 @@ log = logging.getLogger(__name__)
 
 PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
 STORAGE_PREFIX = "operator.mikrom.io"
+SWITCH_INTERVAL = 0.001
+"""Seconds between the interpreter's thread switches (default 0.005)."""
+DIFF_BASE_REMEMBERED = 200000
+"""Diff bases kept at most; one forgotten only makes kopf treat its object's next event as a
+creation (a reconcile that finds nothing to do)."""
+
+
+class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
+    """kopf's diff base per object uid, in memory (see `configure`). Thread-safe."""
+
+    def __init__(self, limit: int = DIFF_BASE_REMEMBERED) -> None:
+        super().__init__()
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._essences: dict[str, kopf.BodyEssence] = {}
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        with self._lock:
+            return self._essences.get(body.metadata.uid or "")
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        uid = body.metadata.uid or ""
+        with self._lock:
+            self._essences.pop(uid, None)
+            self._essences[uid] = essence
+            while len(self._essences) > self._limit:
+                del self._essences[next(iter(self._essences))]
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._essences.pop(uid, None)
+
+
+DIFF_BASE = MemoryDiffBaseStorage()
 
 
 def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
     """Apply Mikrom's choices to kopf's settings (called from the startup handler, so that
     `kopf run` gets them too)."""
     kopf_settings.persistence.finalizer = names.FINALIZER
-    # Progress and the diff base go in annotations, not status: the strict status schema would prune
-    # them, and a status write is ours alone (one merge patch per decision). kopf writes them after
-    # the handler returned, so they never stand between a create and its message.
+    # kopf adds the finalizer to every MicroVM (its delete handler and timer need it) in the cycle
+    # right after the raw-event handler sent the create (docs/protocol.md, Dispatch).
+    # Handler progress (retries of a handler that failed) goes in annotations, not status: the
+    # strict status schema would prune it, and a status write is ours alone (one merge patch per
+    # decision). A handler that succeeds at once leaves none.
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
-    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=STORAGE_PREFIX)
+    # The diff base (the spec as last handled, which tells kopf an update from a mere status change)
+    # stays in this process's memory: kept in an annotation it was one more write after every
+    # create and spec change, competing with the status writes that carry dispatches. Nothing
+    # depends on it surviving a restart: create, update and resume are one level-triggered
+    # reconcile, so an object with no diff base (after a restart) is a creation, which reconciles it.
+    kopf_settings.persistence.diffbase_storage = DIFF_BASE
     # Latency. A new VM is placed and its create sent from the raw-event handler of the first cycle
     # that sees it: in that cycle kopf only adds its finalizer and runs no change handler, and the
     # next cycle's change handlers may wait up to `consistency_timeout` for kopf's own patch to
-    # come back. Raw-event handlers wait for neither, so the message leaves one finalizer write
-    # and one status write after the watch event. kopf >= 1.40 has no time-based batching any more
-    # (`batching.batch_window` is deprecated and ignored), so there is no window to shorten.
-    # An object's worker task stays this long after its last event (default 5 s), so the burst of
-    # events that follows a create (our writes, kopf's annotations) reuses it.
+    # come back. Raw-event handlers wait for neither, so the message leaves one status write after
+    # the watch event; kopf's finalizer patch follows it. kopf >= 1.40 has no time-based batching
+    # any more (`batching.batch_window` is deprecated and ignored), so there is no window to
+    # shorten; `batching.worker_limit` stays unlimited (one worker task per object: a burst of new
+    # VMs is handled side by side, up to the thread pool). An object's worker task stays this long
+    # after its last event (default 5 s), so the events that follow a create reuse it.
     kopf_settings.queueing.idle_timeout = 30.0
+    # A handler thread whose API or Redis answer has arrived waits for the interpreter lock while
+    # the event loop parses watch events; at the default 5 ms per hand-over, the few hand-overs of
+    # one write and one send added tens of milliseconds under load.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     kopf_settings.execution.max_workers = settings.operator_workers
     kopf_settings.execution.default_backoff = max(1.0, settings.reconcile_interval_seconds)
     kopf_settings.posting.enabled = False  # the operator records its own Events, one per transition

@@ -1,16 +1,20 @@
 """One MicroVM's reconciliation, carried out: build the cluster view, let `decide` choose, write
-its status patch (at most one write per decision), then send its messages and record its Events.
+its status patch (at most one write per decision), then send its messages; its Events are
+handed to `dispatch.note`, which records them in the background once no dispatch is in flight.
 
 Level-triggered and safe to run twice: the decision comes from the object as last seen (the newest
 of kopf's body and `state`) and the view in `state`. A 409 Conflict reads the object again and
 decides again, so a write never lands on a version it was not computed from. The message is
-sent right after the write succeeds, in the same call: no watch round trip comes between them.
+sent right after the write succeeds, in the same call: no watch round trip comes between them,
+and nothing else either (the finalizer is kopf's own patch, after the handler returned; see
+docs/protocol.md, Dispatch).
 kopf's handlers, the node checks and the placement sweep all call `reconcile`; a per-VM lock
 keeps them apart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -21,7 +25,7 @@ from .heartbeats import BEATS
 from .decide import ClusterView, Decision, decide
 from .dispatch import DispatchRetry
 from .state import SETTINGS, STATE
-from .status import Conflict, add_finalizer, emit, reread_vm, write_vm
+from .status import Conflict, reread_vm, write_vm
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +80,43 @@ def reconcile(body: dict, cause: str, retry: int = 0) -> Decision:
 
 
 def _carry_out(vm: dict, retry: int) -> tuple[Decision, dict | None]:
-    uid = vm["metadata"]["uid"]
+    """Decide, write, send. While a decision with messages is between its write and its send it
+    counts as in flight (`dispatch.IN_FLIGHT`): the Events wait for it."""
+    with contextlib.ExitStack() as flight:
+        decision, written = _write(vm, retry, flight)
+        if written is None:
+            return decision, None
+        uid = written["metadata"]["uid"]
+        if decision.release:
+            STATE.release(uid)
+        if decision.metric == "reschedule":
+            metrics.RESCHEDULES.inc()
+        try:
+            for msg in decision.messages:
+                dispatch.deliver(written, msg)
+        except DispatchRetry:
+            if not decision.finalizer_remove:
+                raise
+        finally:
+            flight.close()
+            # after the message: an Event is worth less than what it reports (kopf's finalizer
+            # patch, too, comes after: it follows this handler's return)
+            for e in decision.events:
+                dispatch.note(written, e.reason, e.message, warning=e.warning)
+    return decision, written
+
+
+def _write(vm: dict, retry: int, flight: contextlib.ExitStack) -> tuple[Decision, dict | None]:
+    """The decision on the newest version of `vm` and the object as its status patch left it
+    (None: gone or replaced); a 409 Conflict reads the object again and decides again."""
+    uid, in_flight = vm["metadata"]["uid"], False
     for _ in range(WRITE_ATTEMPTS):
         decision = _decide(vm, retry)
         if not decision.status_patch:
-            written = vm
-            break
+            return decision, vm
+        if decision.messages and not in_flight:
+            in_flight = bool(flight.enter_context(dispatch.IN_FLIGHT))
         try:
-            if decision.finalizer_add:
-                # before the status write: a VM with a dispatch recorded is never deleted unseen
-                vm = add_finalizer(vm) or vm
             written = write_vm(vm, dict(decision.status_patch))
         except Conflict:
             written = reread_vm(vm)
@@ -101,24 +132,9 @@ def _carry_out(vm: dict, retry: int) -> tuple[Decision, dict | None]:
         if written is None:  # gone or replaced
             STATE.release(uid)
             return Decision(), None
-        break
-    else:
-        raise RuntimeError(f"{vm['metadata']['namespace']}/{vm['metadata']['name']}: status kept changing under "
-                           f"{WRITE_ATTEMPTS} writes")
-    if decision.release:
-        STATE.release(uid)
-    if decision.metric == "reschedule":
-        metrics.RESCHEDULES.inc()
-    try:
-        for msg in decision.messages:  # first: an Event is worth less than the message it reports
-            dispatch.deliver(written, msg)
-    except DispatchRetry:
-        if not decision.finalizer_remove:
-            raise
-    finally:
-        for e in decision.events:
-            emit(written, e.reason, e.message, warning=e.warning)
-    return decision, written
+        return decision, written
+    raise RuntimeError(f"{vm['metadata']['namespace']}/{vm['metadata']['name']}: status kept changing under "
+                       f"{WRITE_ATTEMPTS} writes")
 
 
 def finalize(body: dict, retry: int = 0) -> Decision:

@@ -47,7 +47,13 @@ def test_without_an_answer_the_finalizer_stays_until_force_delete_is_set(operato
     operators()
     mvms.create("waits", nodeName=node)
     mvms.create("forced", nodeName=node)
-    wait_for(lambda: mvms.status("waits").get("node") and mvms.status("forced").get("node"), 15, "placement")
+    # placed, and held by the finalizer: kopf adds it right after the create is sent (docs/protocol.md,
+    # Dispatch); a delete before that is not held, and the node's status sync removes what it started
+    def held(name: str) -> bool:
+        vm = mvms.get(name)
+        return bool((vm.get("status") or {}).get("node")) and names.FINALIZER in (vm["metadata"].get("finalizers") or [])
+
+    wait_for(lambda: held("waits") and held("forced"), 15, "placement and the finalizer")
     mvms.patch("forced", {"metadata": {"annotations": {names.ANNOTATION_FORCE_DELETE: "true"}}})
 
     mvms.delete("forced")

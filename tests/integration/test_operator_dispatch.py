@@ -126,3 +126,32 @@ def test_operator_runs_as_its_service_account_with_only_the_rights_it_needs(mikr
                    ("create", "ippools.mikrom.io"), ("update", "customresourcedefinitions"),
                    ("create", "serviceaccounts/token", "-n", "mikrom-system")):
         assert not OPERATOR.can(mikrom_cluster, *denied), denied
+
+
+def test_a_new_vms_message_follows_its_status_write_and_kopf_adds_the_finalizer_after(operators, worker, mvms,
+                                                                                      broker_url):
+    node = f"one-{mvms.label}"
+    worker.add_node(node, answering=False)
+    operators()
+    mvms.create("vm")
+    uid = mvms.uid("vm")
+    msg = wait_for(lambda: next(iter(worker.messages(uid=uid)), None), 15, "the create message")
+    task_id = msg.headers["id"]
+
+    # the finalizer is kopf's patch after the send (docs/protocol.md, Dispatch); it comes all the same
+    def finalized() -> dict | None:
+        vm = mvms.get("vm")
+        return vm if names.FINALIZER in (vm["metadata"].get("finalizers") or []) else None
+
+    vm = wait_for(finalized, 15, "kopf's finalizer on the VM")
+    assert vm["status"]["node"] == node and vm["status"]["dispatch"]["taskId"] == task_id
+
+    # kopf keeps its diff base in memory, so it writes no annotation after its handlers ran
+    def diff_base() -> list[str]:
+        return [k for k in (mvms.get("vm")["metadata"].get("annotations") or {}) if "last-handled" in k]
+
+    holds_for(lambda: diff_base() == [], 2, "no diff-base annotation (room for one to show up)")
+    # and the message went out without a subscription to its result, which the operator never reads
+    with redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5) as r:
+        assert r.pubsub_numsub(f"celery-task-meta-{task_id}") == [(f"celery-task-meta-{task_id}".encode(), 0)]
+    assert [m.task for m in worker.messages(uid=uid)] == [names.CREATE_VM]
