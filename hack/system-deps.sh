@@ -3,10 +3,12 @@
 # containerd, runc, the CNI plugins, buildah and debootstrap run the real test cluster and build its images.
 # graphviz renders docs/architecture.svg (`make docs`) and its test.
 # faketime (libfaketime) runs a worker with a wrong wall clock in the fencing e2e tests.
+# chromium takes the headless screenshots of Flower's dashboard (tests/harness/screenshot.py).
 set -euo pipefail
 pkgs=(redis-server openssl iproute2 iptables nftables iputils-ping procps qemu-system-x86 busybox-static cpio e2fsprogs python3-venv
       containerd runc containernetworking-plugins buildah debootstrap graphviz
-      faketime)
+      faketime
+      chromium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
