@@ -184,7 +184,7 @@ def main() -> int:
         worker = worker_proc.WorkerProc(node=node, env=env, logdir=work / "logs", state_dir=work / "s").start()
         vms = worker_proc.VMs(api, "bench", pool="bench")
         vms.node = node
-        raw = RawBoots(image, netns, work / "raw")
+        raw = RawBoots(image, netns, work / "raw" / "vms")  # where vmm_pids looks
         mikrom = MikromBoots(vms)
 
         print("warming up (one boot each) ...", flush=True)
@@ -226,7 +226,7 @@ def main() -> int:
                     (p.cleanup if isinstance(p, worker_proc.WorkerProc) else p.stop)()
                 except Exception:  # noqa: BLE001
                     pass
-        for pid in worker_proc.vmm_pids(work / "s") + _raw_pids(work / "raw"):
+        for pid in worker_proc.vmm_pids(work / "s") + worker_proc.vmm_pids(work / "raw"):
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:
@@ -237,20 +237,6 @@ def main() -> int:
             cp.stop()
         worker_proc.netns_delete(netns)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _raw_pids(raw_dir: Path) -> list[int]:
-    out = []
-    root = str(raw_dir.resolve()) + "/"
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if root in cmd and "consolecap" not in cmd:
-                out.append(int(entry))
-    return out
 
 
 if __name__ == "__main__":
