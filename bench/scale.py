@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stack import REPO, Stack, load, rss_mib  # noqa: E402,F401
+from stack import Stack, cpu_seconds, load, rss_mib  # noqa: E402
 from dispatch import figures, percentile  # noqa: E402
 from harness import fake_worker  # noqa: E402
 from harness.scrape import scrape  # noqa: E402
@@ -165,16 +165,18 @@ def run(args, nodes: int, full: bool, workdir: Path) -> dict:
         wait_for(lambda: all(worker.syncs.get(n, 0) > synced.get(n, 0) for n in node_names),
                  settings.sync_interval_seconds * 3, "every node to sync", interval=0.5)
         before = stack.request_totals()
-        start = time.monotonic()
+        start, cpu0 = time.monotonic(), cpu_seconds(op.proc.pid)
         time.sleep(args.window)  # the measurement window: nothing of the benchmark's own talks to the API
         after = stack.request_totals()
-        r = rates(before, after, time.monotonic() - start)
+        elapsed = time.monotonic() - start
+        result["cpu"] = (cpu_seconds(op.proc.pid) - cpu0) / elapsed
+        r = rates(before, after, elapsed)
         result["rates"] = r
         result["rss"] = rss_mib(op.proc.pid)
         print_rates(r, f"steady state over {args.window:.0f} s ({load()})")
         per = sum(r.values()) / args.vms
         print(f"  = {per * 60:.2f} requests per VM per minute; operator RSS {result['rss']:.1f} MiB "
-              f"(VmRSS, pid {op.proc.pid})", flush=True)
+              f"(VmRSS, pid {op.proc.pid}); operator CPU {result['cpu'] * 100:.0f}% of a core", flush=True)
 
         if not full:
             return result

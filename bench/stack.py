@@ -102,5 +102,11 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()

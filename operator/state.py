@@ -111,6 +111,10 @@ class State:
         self._seen: dict[tuple[str, str], float] = {}
         self._gone: dict[str, None] = {}  # insertion-ordered, trimmed to GONE_REMEMBERED
         self._taken_up: set[str] = set()
+        self._by_node: dict[str, set[str]] = {}
+        """status.node -> uids: a node's check visits its own VMs, not the cluster's."""
+        self._allocated: dict[str, tuple[int, int, int]] | None = None
+        """`allocated()` as last computed; None once a VM or a reservation changed."""
         """VMs a reconcile of this process has started from (`latest`): after a restart, how far
         the new process has caught up (the gauge mikrom_operator_microvms_reconciled)."""
         self.placement_lock = threading.Lock()
@@ -132,6 +136,7 @@ class State:
                 return known
             body = _vm_copy(body)
             self._vms[uid] = body
+            self._index(uid, known, body)
             phase = (body.get("status") or {}).get("phase")
             last = self._progress.get(uid)
             if last is None or last[0] != phase:
@@ -143,6 +148,21 @@ class State:
             self.wake()
         return body
 
+    def _index(self, uid: str, old: dict | None, new: dict | None) -> None:
+        """Keep the per-node index and the allocation cache up to date (call with the lock held)."""
+        was = ((old or {}).get("status") or {}).get("node")
+        now = ((new or {}).get("status") or {}).get("node")
+        if was != now:
+            if was:
+                self._by_node.get(was, set()).discard(uid)
+                if not self._by_node.get(was):
+                    self._by_node.pop(was, None)
+            if now:
+                self._by_node.setdefault(now, set()).add(uid)
+        if old is None or new is None or placement.holds(old) != placement.holds(new) or \
+                placement.shape(old) != placement.shape(new) or was != now:
+            self._allocated = None
+
     def forget_vm(self, uid: str, deleted: bool = True) -> None:
         with self._lock:
             if deleted:
@@ -151,6 +171,7 @@ class State:
                     del self._gone[next(iter(self._gone))]
             known = self._vms.pop(uid, None)
             held = self._reservations.pop(uid, None)
+            self._index(uid, known, None)
             for d in (self._delivered, self._failures, self._progress, self._vm_locks):
                 d.pop(uid, None)
             self._taken_up.discard(uid)
@@ -253,7 +274,7 @@ class State:
 
     def vms_on(self, node: str) -> list[dict]:
         with self._lock:
-            return [vm for vm in self._vms.values() if (vm.get("status") or {}).get("node") == node]
+            return [self._vms[uid] for uid in self._by_node.get(node, ())]
 
     def pending(self) -> list[dict]:
         """VMs without a node and not being deleted, oldest first."""
@@ -266,6 +287,8 @@ class State:
         """node -> (vCPUs, MiB, VM count) held by assigned VMs and by reservations not yet written."""
         out: dict[str, list[int]] = {}
         with self._lock:
+            if self._allocated is not None:
+                return dict(self._allocated)
             for vm in self._vms.values():
                 if placement.holds(vm):
                     cpu, mem = placement.shape(vm)
@@ -279,7 +302,8 @@ class State:
                     acc[0] += r.vcpus
                     acc[1] += r.memory_mib
                     acc[2] += 1
-        return {k: (v[0], v[1], v[2]) for k, v in out.items()}
+            self._allocated = {k: (v[0], v[1], v[2]) for k, v in out.items()}
+            return dict(self._allocated)
 
     def addresses_on(self, node: str) -> int:
         """VMs on `node` that hold (or will hold) an address from its block."""
@@ -300,10 +324,12 @@ class State:
     def reserve(self, uid: str, reservation: Reservation) -> None:
         with self._lock:
             self._reservations[uid] = reservation
+            self._allocated = None
 
     def release(self, uid: str) -> None:
         with self._lock:
-            self._reservations.pop(uid, None)
+            if self._reservations.pop(uid, None) is not None:
+                self._allocated = None
 
     def reservation(self, uid: str) -> Reservation | None:
         with self._lock:

@@ -42,3 +42,25 @@ def test_a_vm_counts_as_reconciled_by_this_process_once_a_reconcile_took_it_up()
     assert state.reconciled() == 1
     state.forget_vm("u-1")
     assert state.reconciled() == 0
+
+
+def test_a_nodes_vms_and_the_allocation_follow_each_change_of_placement():
+    state = State()
+    state.observe_vm(_vm())
+    assert [v["metadata"]["uid"] for v in state.vms_on("n1")] == ["u-1"]
+    assert state.allocated() == {"n1": (1, 128, 1)}
+    moved = _vm(resourceVersion="8")
+    moved["status"]["node"] = "n2"
+    state.observe_vm(moved)
+    assert state.vms_on("n1") == [] and len(state.vms_on("n2")) == 1
+    assert state.allocated() == {"n2": (1, 128, 1)}
+    done = _vm(resourceVersion="9")
+    done["status"].update(node="n2", phase="Succeeded")
+    state.observe_vm(done)
+    assert state.allocated() == {}
+    from mikrom.operator.state import Reservation
+    state.reserve("u-2", Reservation("n1", 2, 256))
+    assert state.allocated() == {"n1": (2, 256, 1)}
+    state.release("u-2")
+    state.forget_vm("u-1")
+    assert state.allocated() == {} and state.vms_on("n2") == []
