@@ -145,6 +145,11 @@ if celery_command() in SERVICES:  # worker, beat, flower: no start with a broker
 
 configure(app, settings)
 
+if celery_command() == "worker":  # a warm shutdown whose Redis went must still end (mikrom.shutdown_deadline)
+    from . import shutdown_deadline
+
+    shutdown_deadline.install(settings.worker_shutdown_idle_seconds)
+
 if celery_command() == "flower":  # `celery -A mikrom.celery_app flower ...`: the guide's options
     from . import flower_compat
 

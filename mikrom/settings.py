@@ -61,6 +61,10 @@ class Settings:
     """Hard time limit of a task, seconds (the original guide's default)."""
     task_soft_time_limit: int = 280
     """Soft time limit of a task, seconds (the original guide's default)."""
+    # worker shutdown
+    worker_shutdown_idle_seconds: float = 20.0
+    """A worker told to stop (SIGTERM) exits this long after its last running task finished, if
+    Celery's own shutdown has not ended by then (it can hang reconnecting to a Redis that is gone)."""
     result_expires_seconds: int = 86400
     """How long task results stay in Redis."""
     sync_interval_seconds: float = 30.0
