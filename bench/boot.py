@@ -6,8 +6,12 @@ It starts what the e2e tests start (tests/harness): a real kube-apiserver on kin
 the bridge and taps, and the test guest image (hack/test-image.sh). Then, with the same image, the
 same shape (1 vCPU, 128 MiB), the same network setup and the same QEMU driver:
 
-  raw        the driver alone: tap ready, `driver.start()` to the guest's ready marker;
-  mikrom     `create MicroVM` accepted by the API server to `status.phase == Running`;
+  raw        the VMM by hand: the very argv the worker's QEMU driver builds for that spec (the
+             same sandbox, descriptors and kernel arguments), exec'd from here in the same kind
+             of namespace, bridge, tap and host cgroup, from just before the exec to the ready
+             marker on its console (read from a pipe);
+  mikrom     `create MicroVM` sent to the API server until a watch of the MicroVMs shows
+             `status.phase == Running` (the worker writes it once the supervisor saw the marker);
 
 first for N sequential VMs (each stopped or deleted before the next), then at concurrency 2 (two
 VMs in flight at any time) as boots per second. Must run as root.
@@ -19,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +40,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from harness import controlplane, operator_proc, redis_server, worker_proc  # noqa: E402
 from kubernetes import config  # noqa: E402
 
-from mikrom.worker import netdev, vmm  # noqa: E402
+from mikrom.settings import Settings  # noqa: E402
+from mikrom.worker import hostcgroup, netdev, vmm  # noqa: E402
+from mikrom.worker.vmm import consolecap  # noqa: E402
 
 LEFT_OUT = """\
 What this leaves out:
@@ -45,10 +53,10 @@ What this leaves out:
     copy) and image downloads (the image is a local `path`; a `url` is fetched once per digest);
   - placement among many nodes, and a loaded API server: one node, one kube-apiserver on kine/SQLite
     and one Redis on loopback, sharing this machine's CPUs with the guests;
-  - the raw figure starts the clock at `driver.start()` with the tap already up; Mikrom's includes
-    the operator's placement and dispatch, the queue, the API reads and status writes, address
-    allocation and the tap;
-  - the status is polled every 20 ms, which adds up to 20 ms to each Mikrom figure;
+  - the raw figure starts the clock just before the VMM's exec with the tap already up; Mikrom's
+    includes the operator's placement and dispatch, the queue, the API read and status writes,
+    address allocation, the tap and its network policy entry, the supervisor and the worker's
+    noticing the marker;
   - in the concurrency-2 series each slot also removes its VM before the next (Mikrom: delete through
     the operator and the worker until the object is gone; raw: the driver's stop), so the rate is
     of full create-boot-remove cycles, and it moves with whatever else runs on the machine."""
@@ -61,53 +69,140 @@ def _stats(xs: list[float]) -> str:
 
 
 class RawBoots:
-    """The QEMU driver alone, on a tap in the same kind of namespace and bridge."""
+    """The VMM by hand: the argv the worker's QEMU driver builds for the same spec (same image,
+    shape, kernel arguments, sandbox, descriptors), exec'd directly from here inside the same kind
+    of network namespace, bridge, tap and host cgroup (the same CPU and memory caps), its console
+    read from a pipe until the ready marker. No supervisor, no state files, no worker."""
 
     def __init__(self, image: Path, netns: str, workdir: Path):
         self.image, self.netns, self.workdir = image, netns, workdir
-        self.driver = vmm.get_driver("qemu")
+        s = Settings()  # the worker's defaults, as the benchmark's worker runs with them
+        sandbox = vmm.SandboxConfig(uid_start=s.vm_uid_range_start, uid_count=s.vm_uid_range_size,
+                                    seccomp=s.vmm_seccomp, unprivileged=s.vmm_unprivileged)
+        self.driver = vmm.get_driver("qemu", accel="tcg", sandbox=sandbox)
+        self.cgroup = hostcgroup.HostCgroupConfig.from_dict(
+            {"root": s.host_cgroup_root, "parent": "mikrom-bench-raw",
+             "memory_overhead_mib": s.host_cgroup_memory_overhead_mib}) if s.host_cgroups else None
         netdev.ensure_bridge("mkbench0", "10.254.0.1/24", netns=netns)
 
     def boot(self, i: int) -> float:
         uid = f"raw-{uuid.uuid4()}"
         tap = netdev.tap_name_for_uid(uid)
         netdev.ensure_tap(tap, "mkbench0", netns=self.netns)
+        state = (self.workdir / uid[:12]).resolve()
+        state.mkdir(parents=True)
         spec = vmm.VMSpec(uid=uid, name=f"raw-{i}", vcpus=1, memory_mib=128, kernel=str(self.image / "vmlinuz"),
                           initrd=str(self.image / "initrd.img"), tap=tap, mac=netdev.mac_for_uid(uid),
                           kernel_args="console=ttyS0 reboot=k panic=1 "
                                       + netdev.kernel_ip_arg(f"10.254.0.{10 + i % 200}", "10.254.0.1", 24),
-                          state_dir=self.workdir / uid[:12], netns=self.netns)
+                          state_dir=state, netns=self.netns)
+        self.driver._prepare(spec)
+        plan = self.driver.launch_plan(spec)
+        placement = hostcgroup.create(self.cgroup, uid, spec.vcpus, spec.memory_mib) if self.cgroup else None
+        fds = [f"{n}={kind}:{arg}" for n, kind, arg in plan.fds]
+
+        def as_the_supervisor_does():  # in the child, before exec: cgroup, netns, descriptors, uid
+            if placement:
+                consolecap.enter_cgroup([str(p) for p in placement.procs], None)
+            if plan.netns:
+                consolecap.enter_netns(plan.netns)
+            for number in consolecap.place_passed_fds(fds):
+                os.set_inheritable(number, True)  # Python's descriptors are close-on-exec otherwise
+            if plan.run_as:
+                os.setgroups(plan.groups)
+                os.setgid(plan.run_as.gid)
+                os.setuid(plan.run_as.uid)
+
+        read_fd, write_fd = os.pipe()
         t0 = time.monotonic()
-        self.driver.start(spec)
-        self.driver.wait_ready(spec, timeout=120)
-        took = time.monotonic() - t0
-        self.driver.stop(spec.state_dir, timeout=10)
-        netdev.delete_tap(tap, self.netns)
+        proc = subprocess.Popen(plan.argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd, cwd=state,
+                                close_fds=False, preexec_fn=as_the_supervisor_does,
+                                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C"})
+        os.close(write_fd)
+        seen = b""
+        try:
+            while vmm.READY_MARKER.encode() not in seen:
+                if not select.select([read_fd], [], [], max(0.0, t0 + 120 - time.monotonic()))[0]:
+                    raise RuntimeError(f"raw boot {i} printed no ready marker in 120 s")
+                chunk = os.read(read_fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"raw boot {i}: QEMU exited: {seen[-2000:]!r}")
+                seen = seen[-64:] + chunk
+            took = time.monotonic() - t0
+        finally:
+            proc.kill()
+            proc.wait()
+            os.close(read_fd)
+            if placement:
+                hostcgroup.remove(self.cgroup, uid)
+            netdev.delete_tap(tap, self.netns)
         return took
 
 
 class MikromBoots:
+    """`create` to the first watch event showing phase Running (a watch, not a poll, so the figure
+    carries no polling interval)."""
+
     def __init__(self, vms: worker_proc.VMs):
         self.vms = vms
         self.breakdown: list[dict] = []
+        self.running: dict[str, float] = {}
+        self.failed: dict[str, dict] = {}
+        self.cond = threading.Condition()
+        self.stopping = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.watching, timeout=30):
+                raise RuntimeError("the watch of MicroVMs did not start")
+
+    watching = False
+
+    def _watch(self) -> None:
+        from kubernetes import watch
+
+        from mikrom import names
+
+        api = self.vms.api
+        version = api.list_namespaced_custom_object(names.GROUP, names.VERSION, self.vms.ns,
+                                                    names.MICROVMS)["metadata"]["resourceVersion"]
+        while not self.stopping.is_set():
+            try:
+                with self.cond:
+                    self.watching = True
+                    self.cond.notify_all()
+                for ev in watch.Watch().stream(api.list_namespaced_custom_object, names.GROUP, names.VERSION,
+                                               self.vms.ns, names.MICROVMS, resource_version=version,
+                                               timeout_seconds=300):
+                    at = time.monotonic()
+                    obj = ev["object"]
+                    version = obj["metadata"]["resourceVersion"]
+                    name, phase = obj["metadata"]["name"], (obj.get("status") or {}).get("phase")
+                    with self.cond:
+                        if phase == "Running":
+                            self.running.setdefault(name, at)
+                        elif phase == "Failed":
+                            self.failed[name] = obj.get("status") or {}
+                        self.cond.notify_all()
+            except Exception:  # noqa: BLE001 - an expired watch starts again from the last version
+                time.sleep(0.1)
 
     def boot(self, i: int, prefix: str = "seq") -> float:
         name = f"{prefix}-{i}"
         t0 = time.monotonic()
         wall0 = time.time()
         self.vms.create(name)
-        while True:
-            st = self.vms.status(name)
-            if st.get("phase") == "Running":
-                took = time.monotonic() - t0
-                break
-            if st.get("phase") == "Failed" or time.monotonic() - t0 > 180:
-                raise RuntimeError(f"{name} did not run: {st}")
-            time.sleep(0.02)
+        with self.cond:
+            if not self.cond.wait_for(lambda: name in self.running or name in self.failed, timeout=180):
+                raise RuntimeError(f"{name} did not run: {self.vms.status(name)}")
+            if name in self.failed:
+                raise RuntimeError(f"{name} failed: {self.failed[name]}")
+            took = self.running[name] - t0
+        st = self.vms.status(name)
         started = _ts(st.get("startedAt"))
         sent = _ts((st.get("dispatch") or {}).get("sentAt"))
         self.breakdown.append({"dispatch": sent - wall0 if sent else None,
                                "to_vmm_start": started - wall0 if started else None,
+                               "dispatch_to_vmm": started - sent if started and sent else None,
                                "boot": st.get("bootSeconds"), "total": took})
         self.vms.delete(name)
         self.vms.wait_gone(name, timeout=60)
@@ -154,6 +249,7 @@ def at_concurrency(boot, count: int, parallel: int = 2) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10, help="VMs per series (default 10)")
+    parser.add_argument("--sequential-only", action="store_true", help="skip the concurrency-2 series")
     args = parser.parse_args()
     reason = worker_proc.e2e_skip_reason()
     if reason:
@@ -187,6 +283,7 @@ def main() -> int:
         raw = RawBoots(image, netns, work / "raw" / "vms")  # where vmm_pids looks
         mikrom = MikromBoots(vms)
 
+        print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         print("warming up (one boot each) ...", flush=True)
         raw.boot(999)
         mikrom.boot(999, prefix="warm")
@@ -197,25 +294,38 @@ def main() -> int:
             raw_seq.append(raw.boot(i))
             mk_seq.append(mikrom.boot(i))
             print(f"  {i + 1:2d}/{args.count}  raw {raw_seq[-1]:5.2f} s   mikrom {mk_seq[-1]:5.2f} s", flush=True)
-        raw_rate = at_concurrency(raw.boot, args.count)
-        mk_rate = at_concurrency(lambda i: mikrom.boot(i, prefix="par"), args.count)
+        if not args.sequential_only:
+            raw_rate = at_concurrency(raw.boot, args.count)
+            mk_rate = at_concurrency(lambda i: mikrom.boot(i, prefix="par"), args.count)
 
         seq_bd = mikrom.breakdown[:args.count]
         print()
         print(f"{args.count} sequential boots, 1 vCPU / 128 MiB, QEMU microvm (TCG), kernel + initramfs, one tap each")
-        print(f"  raw VMM boot (start -> ready marker):          {_stats(raw_seq)}")
-        print(f"  Mikrom (create accepted -> status Running):    {_stats(mk_seq)}")
+        print(f"  raw VMM boot (exec by hand -> ready marker):   {_stats(raw_seq)}")
+        print(f"  Mikrom (create -> watch sees Running):         {_stats(mk_seq)}")
         print(f"  ratio of medians Mikrom / raw:                 {statistics.median(mk_seq) / statistics.median(raw_seq):.2f}")
         print(f"  overhead of medians Mikrom - raw:              {statistics.median(mk_seq) - statistics.median(raw_seq):.2f} s")
         parts = [("create -> operator dispatched", "dispatch"), ("create -> VMM started", "to_vmm_start"),
+                 ("dispatch recorded -> VMM exec", "dispatch_to_vmm"),
                  ("VMM start -> ready (status.bootSeconds)", "boot")]
         for label, key in parts:
             xs = [b[key] for b in seq_bd if b[key] is not None]
             if xs:
-                print(f"    {label:42s} median {statistics.median(xs):5.2f} s")
-        print(f"boots per second at concurrency 2 ({args.count} VMs):")
-        print(f"  raw VMM:  {raw_rate:.2f} boots/s")
-        print(f"  Mikrom:   {mk_rate:.2f} boots/s   ({mk_rate / raw_rate:.2f} of raw)")
+                print(f"    {label:42s} median {statistics.median(xs):6.3f} s")
+        steps = worker_steps(worker.log_text(), [f"seq-{i}" for i in range(args.count)])
+        if steps:
+            print("  the worker's steps of each create, ms after its message arrived (median; worker/timing.py):")
+            for key in sorted(steps, key=lambda k: statistics.median(steps[k])):
+                print(f"    {key:40s} {statistics.median(steps[key]):8.1f} ms   (n={len(steps[key])})")
+            exec_ms = statistics.median(steps["vmm_exec"]) if "vmm_exec" in steps else float("nan")
+            print(f"  message -> VMM exec (median):                  {exec_ms:.1f} ms   (target <= 50 ms)")
+        ratio = statistics.median(mk_seq) / statistics.median(raw_seq)
+        print(f"  create -> Running / raw boot (medians):        {ratio:.3f}   (target <= 1.03)")
+        print(f"  load average (1, 5, 15 min) at the end:        {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        if not args.sequential_only:
+            print(f"boots per second at concurrency 2 ({args.count} VMs):")
+            print(f"  raw VMM:  {raw_rate:.2f} boots/s")
+            print(f"  Mikrom:   {mk_rate:.2f} boots/s   ({mk_rate / raw_rate:.2f} of raw)")
         print()
         print(LEFT_OUT)
         return 0
@@ -237,6 +347,24 @@ def main() -> int:
             cp.stop()
         worker_proc.netns_delete(netns)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def worker_steps(log_text: str, names: list[str]) -> dict[str, list[float]]:
+    """Each step's times from the worker's `timings of create_vm_task NS/NAME: {...}` lines, for the
+    first create of each VM in `names` that started a VMM."""
+    import json
+    import re
+
+    seen: set[str] = set()
+    out: dict[str, list[float]] = {}
+    for m in re.finditer(r"timings of \S*create_vm_task \S+?/(\S+): (\{.*\})", log_text):
+        name, marks = m.group(1), json.loads(m.group(2))
+        if name not in names or name in seen or "vmm_exec" not in marks:
+            continue
+        seen.add(name)
+        for key, ms in marks.items():
+            out.setdefault(key, []).append(ms)
+    return out
 
 
 if __name__ == "__main__":

@@ -73,6 +73,12 @@ class WorkerContext:
             if self.started:
                 return
             self.started = True
+        from .vmm import base as vmmbase
+
+        try:
+            vmmbase.prestart_fork_server()  # so that no create waits for its start
+        except OSError as exc:
+            log.warning("cannot start the supervisor fork server (%s); each VMM launch starts a process", exc)
         self.agent.start()
 
 

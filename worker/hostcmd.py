@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import subprocess
 
+from . import spawn
+
 COMMAND_TIMEOUT = 10.0
 """Seconds any one `ip`/`iptables`/`nft` call may take."""
 
@@ -25,8 +27,8 @@ def run(cmd: list[str], netns: str | None = None, check: bool = True, timeout: f
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
-                             **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}))
+        # posix_spawn, not a fork of the worker: a few milliseconds per call, and the hub runs on
+        res = spawn.run(cmd, timeout=timeout, input=stdin)
     except subprocess.TimeoutExpired as exc:
         raise NetdevError(f"{' '.join(cmd)} timed out after {timeout}s") from exc
     except FileNotFoundError as exc:

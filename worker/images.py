@@ -34,7 +34,7 @@ from typing import Sequence
 
 import urllib3
 
-from . import urlguard
+from . import spawn, urlguard
 
 log = logging.getLogger(__name__)
 
@@ -379,8 +379,8 @@ def prepare_rootfs(src: str | os.PathLike, vm_dir: str | os.PathLike, name: str 
     tmp = vm_dir / f".{name}.part"
     tmp.unlink(missing_ok=True)
     try:
-        res = subprocess.run(["cp", "--reflink=auto", "--sparse=always", "--", "/dev/stdin", str(tmp)],
-                             check=False, capture_output=True, text=True, timeout=timeout, stdin=src_fd)
+        res = spawn.run(["cp", "--reflink=auto", "--sparse=always", "--", "/dev/stdin", str(tmp)],
+                        timeout=timeout, stdin_fd=src_fd)
         if res.returncode != 0:
             raise RootfsCopyFailed(f"copying {src} failed: {res.stderr.strip()}")
         # The VM's disk: writable by its VMM, private to it (the source may be a read-only cache entry).

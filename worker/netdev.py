@@ -59,8 +59,16 @@ def kernel_ip_arg(ip: str, gateway: str, prefixlen: int, device: str = "eth0", h
     return f"ip={client}::{gw}:{net.netmask}:{hostname}:{device}:off"
 
 
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+def _ip(args: list[str], netns: str | None, check: bool = True, stdin: str | None = None):
+    """`ip ARGS` inside `netns`: `ip -n` switches namespace itself, one exec less than `ip netns exec`."""
+    return _run(["ip", "-n", netns, *args] if netns else ["ip", *args], None, check=check, stdin=stdin)
+
+
 def _link(name: str, netns: str | None) -> dict | None:
-    res = _run(["ip", "-j", "-d", "link", "show", "dev", name], netns, check=False)
+    res = _ip(["-j", "-d", "link", "show", "dev", name], netns, check=False)
     if res.returncode != 0:
         return None
     links = json.loads(res.stdout or "[]")
@@ -77,37 +85,38 @@ def ensure_bridge(name: str, gateway_cidr: str, netns: str | None = None) -> Non
     iface = ipaddress.IPv4Interface(gateway_cidr)
     link = _link(name, netns)
     if link is None:
-        _run(["ip", "link", "add", "name", name, "type", "bridge"], netns)
+        _ip(["link", "add", "name", name, "type", "bridge"], netns)
     elif link.get("linkinfo", {}).get("info_kind") != "bridge":
         raise NetdevError(f"{name} exists and is not a bridge")
-    addrs = json.loads(_run(["ip", "-j", "-4", "addr", "show", "dev", name], netns).stdout or "[]")
+    addrs = json.loads(_ip(["-j", "-4", "addr", "show", "dev", name], netns).stdout or "[]")
     present = {(a["local"], a["prefixlen"]) for entry in addrs for a in entry.get("addr_info", [])}
     if (str(iface.ip), iface.network.prefixlen) not in present:
-        _run(["ip", "addr", "add", str(iface), "dev", name], netns)
-    _run(["ip", "link", "set", "dev", name, "up"], netns)
+        _ip(["addr", "add", str(iface), "dev", name], netns)
+    _ip(["link", "set", "dev", name, "up"], netns)
 
 
 def ensure_tap(tap: str, bridge: str, netns: str | None = None, user: int | None = None) -> None:
     """Create the tap if missing (owned by `user` when given, for a jailed Firecracker), attach it
-    to the bridge and bring it up."""
+    to the bridge and bring it up: one look, then what is missing in one `ip -batch`."""
     if len(tap) > 15:
         raise ValueError(f"tap name {tap!r} is longer than 15 characters")
+    for what in (tap, bridge):
+        if not _IFNAME.match(what):  # the batch is a text of commands: nothing but a name goes in
+            raise ValueError(f"invalid interface name {what!r}")
     link = _link(tap, netns)
     owner = (link or {}).get("linkinfo", {}).get("info_data", {}).get("user")
     if link is not None and user is not None and owner != user:
         # left by an earlier start under another uid: that VMM could not open it (it is not running,
         # or it would not be asking for its tap)
-        _run(["ip", "link", "del", "dev", tap], netns)
+        _ip(["link", "del", "dev", tap], netns)
         link = None
+    batch = []
     if link is None:
-        cmd = ["ip", "tuntap", "add", "dev", tap, "mode", "tap"]
-        if user is not None:
-            cmd += ["user", str(user)]
-        _run(cmd, netns)
-        link = _link(tap, netns)
+        batch.append(f"tuntap add dev {tap} mode tap" + (f" user {int(user)}" if user is not None else ""))
     if link is None or link.get("master") != bridge:
-        _run(["ip", "link", "set", "dev", tap, "master", bridge], netns)
-    _run(["ip", "link", "set", "dev", tap, "up"], netns)
+        batch.append(f"link set dev {tap} master {bridge}")
+    batch.append(f"link set dev {tap} up")
+    _ip(["-batch", "-"], netns, stdin="\n".join(batch) + "\n")
 
 
 def delete_tap(tap: str, netns: str | None = None) -> None:
@@ -115,14 +124,14 @@ def delete_tap(tap: str, netns: str | None = None) -> None:
     entries go first: a tap left without them drops everything its VM sends."""
     netpolicy.remove_vm(tap, netns)
     if link_exists(tap, netns):
-        res = _run(["ip", "link", "del", "dev", tap], netns, check=False)
+        res = _ip(["link", "del", "dev", tap], netns, check=False)
         if res.returncode != 0 and link_exists(tap, netns):
             raise NetdevError(f"ip link del {tap} failed: {res.stderr.strip()}")
 
 
 def list_taps(netns: str | None = None) -> list[str]:
     """Our taps present on the host (tap devices named like tap_name_for_uid), for orphan sweeps."""
-    links = json.loads(_run(["ip", "-j", "-d", "link", "show"], netns).stdout or "[]")
+    links = json.loads(_ip(["-j", "-d", "link", "show"], netns).stdout or "[]")
     return sorted(link["ifname"] for link in links
                   if TAP_NAME.match(link["ifname"]) and link.get("linkinfo", {}).get("info_kind") == "tun")
 

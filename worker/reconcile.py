@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from mikrom import kube, metrics, names
 from mikrom.names import Phase, RunStrategy
 
-from . import images, ipalloc, runtime as rt, vmm
+from . import concurrently, images, ipalloc, runtime as rt, timing, vmm
 from .state import LocalVM, Observation
+from .status import ObjectChanged
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ RESTART_BACKOFF_BASE = 5.0
 RESTART_BACKOFF_CAP = 300.0
 CRASH_RESET_AFTER = 600.0
 """A run that lasted this long resets the crash counter (and so the backoff)."""
+MAX_DECISIONS = 4
+"""Times one reconcile decides again because the object changed under a guarded write."""
 
 
 class VMGone(Exception):
@@ -117,14 +120,45 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------ entry points
 
-    def reconcile(self, namespace: str, name: str, uid: str) -> str:
-        """Make the node match MicroVM namespace/name (if it is still object `uid`)."""
-        vm = kube.get_vm(namespace, name)
+    def reconcile_locked(self, namespace: str, name: str, uid: str, lock_timeout: float,
+                         known: dict | None = None) -> str:
+        """`reconcile` under the VM's lock; the lock file goes once nothing is left for the VM."""
+        with self.ctx.locks.hold(uid, timeout=lock_timeout) as held:
+            timing.mark("lock")
+            outcome = self.reconcile(namespace, name, uid, known=known)
+            held.remove = not self.runtime.local(uid).exists()
+            return outcome
+
+    def reconcile(self, namespace: str, name: str, uid: str, known: dict | None = None) -> str:
+        """Make the node match MicroVM namespace/name (if it is still object `uid`).
+
+        `known` is the object as the caller read it a moment ago (a task checking its message), so
+        it is not read again: what the node does from it is checked by the first status write of
+        each action (a guarded write, see StatusWriter.report), and decided again from the fresh
+        object if the object changed in between. The one action that writes nothing first,
+        removing what the node holds for a VM assigned elsewhere, is never taken from `known`.
+        """
+        vm = known
+        if vm is None or (vm.get("status") or {}).get("node") != self.ctx.node:
+            vm = kube.get_vm(namespace, name)
+            timing.mark("get_again")
         if vm is None or vm["metadata"]["uid"] != uid:
             return "gone; removed what this node held" if self.runtime.teardown(uid) else "gone"
         return self.reconcile_object(vm)
 
     def reconcile_object(self, vm: dict) -> str:
+        for attempt in range(1, MAX_DECISIONS + 1):
+            try:
+                return self._reconcile_once(vm)
+            except ObjectChanged as changed:
+                if attempt == MAX_DECISIONS:
+                    raise
+                log.info("%s/%s changed while being acted on; deciding again", changed.fresh["metadata"]["namespace"],
+                         changed.fresh["metadata"]["name"])
+                vm = changed.fresh
+        raise AssertionError("unreachable")
+
+    def _reconcile_once(self, vm: dict) -> str:
         uid = vm["metadata"]["uid"]
         status = vm.get("status") or {}
         if status.get("node") != self.ctx.node:
@@ -149,52 +183,98 @@ class Reconciler:
     # ------------------------------------------------------------------------------ actions
 
     def _start(self, vm, local: LocalVM, obs: Observation, decision: Decision, event_reason: str | None = None):
+        """Provisioning, then the VMM, then Running once the guest is up.
+
+        What the VMM needs is made at the same time: the Provisioning write (guarded: it fails if
+        the object changed since the decision was made, and the VM is decided again), the
+        address, tap and policy entry, the VMM's uid and host cgroup, and the images (checked,
+        downloaded, the VM's own rootfs copied). All end before anything else happens, and the
+        VMM starts only if all succeeded. A VM that never ran loses what the other steps made
+        when its images fail, so a refused or corrupt image leaves nothing behind on the node.
+        """
         spec = vm["spec"]
         vmm_name = spec.get("vmm") or self.runtime.default_vmm()
         try:
             self.runtime.driver(vmm_name)
-            imgs = self.runtime.resolve_images(spec.get("image") or {})
         except PERMANENT_ERRORS as exc:
             return self._fail(vm, local, exc.reason, str(exc), terminal=True)
-        except images.ImageNotFound as exc:
-            return self._fail(vm, local, exc.reason, str(exc))
-        except images.ImageDownloadFailed as exc:
-            self._fail(vm, local, exc.reason, f"{exc}; retrying")
-            raise
-        vm = self._write(vm, Phase.PROVISIONING.value, "Provisioning", f"starting on {self.ctx.node}",
-                         {"vmm": vmm_name})
+        configured = obs.configured
         local.update_meta(namespace=vm["metadata"]["namespace"], name=vm["metadata"]["name"], uid=local.uid,
                           vmm=vmm_name, desiredStop=False, fenced=False,
                           createdAt=local.read_meta().get("createdAt") or time.time(),
                           restartedAt=restart_annotation(vm))
-        address = None
+        deferred: list = []
+        steps = {"provisioning": lambda: self._write(vm, Phase.PROVISIONING.value, "Provisioning",
+                                                     f"starting on {self.ctx.node}", {"vmm": vmm_name},
+                                                     guard=True, defer_events=deferred)}
         if spec.get("network"):
-            cidr = self.ctx.node_cidr()
-            try:
-                address = self.runtime.allocate_address(local, cidr, (vm.get("status") or {}).get("ipAddress"))
-            except ipalloc.BlockExhausted as exc:
-                return self._fail(vm, local, exc.reason, str(exc))
-            try:
-                owner = self.runtime.tap_owner(vmm_name, local)
-            except vmm.VMMStartFailed as exc:  # no free uid in the sandbox range
+            steps["network"] = lambda: self._network(vm, local, vmm_name)
+        steps["vmm"] = lambda: self.runtime.prepare_vmm(vmm_name, local, int(spec.get("vcpus", 1)),
+                                                        int(spec.get("memoryMiB", 512)))
+        steps["images"] = lambda: self._images(spec, local)
+        out = concurrently.run(**steps)
+        timing.mark("prepared")
+        if "provisioning" in out.errors:
+            raise out.errors["provisioning"]  # gone, changed (decided again) or the API server's trouble
+        vm = out.results["provisioning"]
+        failed = self._prepare_failed(vm, local, out, configured, deferred)
+        if failed is not None:
+            return failed
+        address = out.results.get("network")
+        try:
+            vmspec = self.runtime.build_spec(local, vm, out.results["images"], address)
+            pid = self.runtime.launch(local, vmspec, vmm_name, strays_reaped=True)
+            timing.mark("launched")
+        except (vmm.VMMStartFailed, images.ImageRefused, images.ImageNotFound) as exc:
+            self.writer.record_events(deferred)
+            if isinstance(exc, vmm.VMMStartFailed):
                 local.update_meta(lastReason=exc.reason)
                 return self._fail(vm, local, exc.reason, str(exc))
-            self.runtime.ensure_network(cidr, address, tap_owner=owner)
-        try:
-            vmspec = self.runtime.build_spec(local, vm, imgs, address)
-            pid = self.runtime.launch(local, vmspec, vmm_name)
-        except vmm.VMMStartFailed as exc:
-            local.update_meta(lastReason=exc.reason)
-            return self._fail(vm, local, exc.reason, str(exc))
-        except (images.ImageRefused, images.ImageNotFound) as exc:
             # the rootfs changed after it was resolved (replaced by a FIFO, a device, removed)
             return self._fail(vm, local, exc.reason, str(exc), terminal=isinstance(exc, images.ImageRefused))
-        vm = self._write(vm, Phase.PROVISIONING.value, "Booting", f"booting (pid {pid})",
-                         self._identity(vmm_name, address, pid))
+        self.writer.record_events(deferred)  # the Provisioning Event, once the VMM is on its way
+        log.info("%s/%s (%s): VMM started (pid %d)", vm["metadata"]["namespace"], vm["metadata"]["name"],
+                 local.uid, pid)
         return self._await_ready(vm, local, event_reason)
 
+    def _network(self, vm, local: LocalVM, vmm_name: str) -> rt.Address:
+        cidr = self.ctx.node_cidr()
+        address = self.runtime.allocate_address(local, cidr, (vm.get("status") or {}).get("ipAddress"))
+        owner = self.runtime.tap_owner(vmm_name, local)
+        self.runtime.ensure_network(cidr, address, tap_owner=owner)
+        timing.mark("network")
+        return address
+
+    def _images(self, spec: dict, local: LocalVM) -> rt.Images:
+        imgs = self.runtime.resolve_images(spec.get("image") or {})
+        self.runtime.prepare_rootfs(local, imgs)
+        timing.mark("images")
+        return imgs
+
+    def _prepare_failed(self, vm, local: LocalVM, out, configured: bool, deferred: list):
+        """The outcome of a failed image, network or VMM step (as the status says it), None if all
+        succeeded; raises what a retry of the task may fix."""
+        exc = out.first_error("images", "network", "vmm")
+        if exc is None:
+            return None
+        self.writer.record_events(deferred)
+        if ("images" in out.errors or "vmm" in out.errors) and not configured:
+            # never ran: remove the address, tap and directory the network step made meanwhile
+            self.runtime.teardown(local.uid)
+        if isinstance(exc, PERMANENT_ERRORS):
+            return self._fail(vm, local, exc.reason, str(exc), terminal=True)
+        if isinstance(exc, images.ImageDownloadFailed):
+            self._fail(vm, local, exc.reason, f"{exc}; retrying")
+            raise exc
+        if isinstance(exc, (images.ImageNotFound, ipalloc.BlockExhausted)):
+            return self._fail(vm, local, exc.reason, str(exc))
+        if isinstance(exc, vmm.VMMStartFailed):  # no free uid in the sandbox range, no host cgroup
+            local.update_meta(lastReason=exc.reason)
+            return self._fail(vm, local, exc.reason, str(exc))
+        raise exc
+
     def _restart(self, vm, local, obs, decision):
-        vm = self._write(vm, Phase.STOPPING.value, "Restarting", decision.why, {})
+        vm = self._write(vm, Phase.STOPPING.value, "Restarting", decision.why, {}, guard=True)
         local.update_meta(desiredStop=True)
         self.runtime.stop(local)
         return self._start(vm, local, local.observe(), decision, event_reason="Restarted")
@@ -207,7 +287,7 @@ class Reconciler:
         return "running"
 
     def _stop(self, vm, local, obs, decision):
-        vm = self._write(vm, Phase.STOPPING.value, "Stopping", decision.why, {})
+        vm = self._write(vm, Phase.STOPPING.value, "Stopping", decision.why, {}, guard=True)
         local.update_meta(desiredStop=True)
         self.runtime.stop(local)
         return self._report_stopped(vm, local, obs, decision)
@@ -251,6 +331,7 @@ class Reconciler:
     def _await_ready(self, vm, local: LocalVM, event_reason: str | None):
         try:
             self.runtime.wait_ready(local)
+            timing.mark("ready_seen")
         except vmm.BootTimeout as exc:
             local.update_meta(lastReason=exc.reason)
             self.runtime.stop(local, timeout=0)
@@ -276,6 +357,7 @@ class Reconciler:
         was = (vm.get("status") or {}).get("phase")
         self._write(vm, Phase.RUNNING.value, "Running",
                     f"running{ip} (pid {obs.pid}, booted in {obs.boot_seconds}s)", fields, event_reason=event_reason)
+        timing.mark("running_write")
         if was != Phase.RUNNING.value and obs.boot_seconds is not None:
             metrics.BOOT_SECONDS.observe(obs.boot_seconds)  # each boot once, not each re-report
 

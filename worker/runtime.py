@@ -2,13 +2,14 @@
 
 Each method is a step of "make it so" and is safe to repeat after a crash: it looks at what is
 already there (the cache, meta.json, the tap, the pid file) before it creates anything. The order
-inside `prepare` is deliberate: images are resolved and verified before the VM's directory, address
-or tap exist, so a refused or corrupt image leaves nothing behind on the node.
+of a start is the reconciler's (reconcile.py): the images are checked while the address and tap are
+made, and a refused or corrupt image of a VM that never ran has what was made removed again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from mikrom.settings import Settings
 
-from . import images, ipalloc, netdev, netpolicy, urlguard, vmm
+from . import concurrently, hostcgroup, images, ipalloc, netdev, netpolicy, timing, urlguard, vmm
 from .locks import NodeLocks
 from .state import LocalVM, valid_uid, vmm_processes
 
@@ -42,6 +43,8 @@ class Images:
     kernel: str
     initrd: str | None
     rootfs_source: str | None
+    rootfs: str | None = None
+    """The VM's own copy of `rootfs_source` (prepare_rootfs)."""
 
 
 @dataclass
@@ -102,6 +105,22 @@ class Runtime:
             return vmm.claim_ids(local.dir, self.sandbox_config()).uid
         except vmm.SandboxUnavailable as exc:
             raise vmm.VMMStartFailed(str(exc)) from exc
+
+    def prepare_vmm(self, vmm_name: str, local: LocalVM, vcpus: int, memory_mib: int) -> None:
+        """What the launch would otherwise do first, done ahead (the driver's start repeats it,
+        finding it done): stray VMMs of this VM killed, the uid the VMM runs as claimed, its host
+        cgroup created."""
+        self.reap_strays(local)
+        driver = self.driver(vmm_name)
+        try:
+            driver.vm_ids(local.dir)
+        except vmm.SandboxUnavailable as exc:
+            raise vmm.VMMStartFailed(str(exc)) from exc
+        if driver.host_cgroup:
+            try:
+                hostcgroup.create(driver.host_cgroup, local.uid, vcpus, memory_mib)
+            except hostcgroup.HostCgroupError as exc:
+                raise vmm.VMMStartFailed(str(exc)) from exc
 
     def available_vmms(self) -> list[str]:
         if self._available is None:
@@ -174,9 +193,9 @@ class Runtime:
 
     def ensure_network(self, cidr: str, address: Address, tap_owner: int | None = None) -> None:
         """Bridge (with the gateway), NAT, the network policy and the VM's tap with its policy
-        entry. The bridge, NAT and policy tables are checked once per process and block (about ten
-        `ip`/`iptables`/`nft` calls; the first check also brings every local VM's entry up to date);
-        if the tap cannot join the bridge, they are checked again."""
+        entry (made at the same time). The bridge, NAT and policy tables are checked once per
+        process and block (about ten `ip`/`iptables`/`nft` calls; the first check also brings every
+        local VM's entry up to date); if the tap cannot join the bridge, they are checked again."""
         gw = ipalloc.gateway(cidr)
         key = (self.settings.bridge, str(gw))
         for attempt in (1, 2):
@@ -189,11 +208,17 @@ class Runtime:
                     if self.policy.enabled:
                         netpolicy.sync(self._policy_entries(), netns=self.netns, prune=True)
                 self._bridges.add(key)
+            steps = {"tap": lambda: netdev.ensure_tap(address.tap, self.settings.bridge, netns=self.netns,
+                                                      user=tap_owner)}
+            if self.policy.enabled:
+                # at the same time as the tap: a tap of ours without its entry drops everything, and
+                # an entry without its tap matches nothing, so neither order lets anything through
+                entry = netpolicy.VMEntry(address.tap, address.mac, address.ip, address.namespace, address.name)
+                steps["policy"] = lambda: netpolicy.ensure_vm(entry, netns=self.netns)
             try:
-                netdev.ensure_tap(address.tap, self.settings.bridge, netns=self.netns, user=tap_owner)
-                if self.policy.enabled:  # after the tap: until then a tap of ours drops everything
-                    netpolicy.ensure_vm(netpolicy.VMEntry(address.tap, address.mac, address.ip, address.namespace,
-                                                          address.name), netns=self.netns)
+                error = concurrently.run(**steps).first_error("tap", "policy")
+                if error is not None:
+                    raise error
                 return
             except netdev.NetdevError:
                 self._bridges.discard(key)
@@ -212,13 +237,17 @@ class Runtime:
 
     # ------------------------------------------------------------------------------ lifecycle
 
+    def prepare_rootfs(self, local: LocalVM, imgs: Images) -> None:
+        """The VM's own copy of its rootfs, made once (kept across stops and restarts)."""
+        if imgs.rootfs_source and not imgs.rootfs:
+            imgs.rootfs = str(images.prepare_rootfs(imgs.rootfs_source, local.dir,
+                                                    timeout=self.settings.image_download_timeout_seconds))
+
     def build_spec(self, local: LocalVM, vm: dict, imgs: Images, address: Address | None) -> vmm.VMSpec:
         spec = vm.get("spec", {})
         args = spec.get("image", {}).get("kernelArgs", "console=ttyS0 reboot=k panic=1")
-        rootfs = None
-        if imgs.rootfs_source:
-            rootfs = str(images.prepare_rootfs(imgs.rootfs_source, local.dir,
-                                               timeout=self.settings.image_download_timeout_seconds))
+        self.prepare_rootfs(local, imgs)
+        rootfs = imgs.rootfs
         if address:
             args = f"{args} " + netdev.kernel_ip_arg(address.ip, address.gateway, address.prefix,
                                                      hostname=vm["metadata"]["name"][:63])
@@ -227,20 +256,30 @@ class Runtime:
                           rootfs=rootfs, kernel_args=args, tap=address.tap if address else None,
                           mac=address.mac if address else None, state_dir=local.dir, netns=self.netns)
 
-    def launch(self, local: LocalVM, spec: vmm.VMSpec, vmm_name: str) -> int:
-        """Start the VMM (or return the pid of the one already running for this VM)."""
+    def launch(self, local: LocalVM, spec: vmm.VMSpec, vmm_name: str, strays_reaped: bool = False) -> int:
+        """Start the VMM (or return the pid of the one already running for this VM); first kill
+        its strays unless the caller just did (prepare_vmm, under the same lock)."""
         driver = self.driver(vmm_name)
         longest = len(str((local.dir / "qmp.sock").resolve()).encode())
         if longest > MAX_UNIX_SOCKET_PATH:
             # QEMU and Firecracker put their control sockets in the state directory
             raise vmm.VMMStartFailed(f"the state directory {local.dir} is too long for unix sockets "
                                      f"({longest} > {MAX_UNIX_SOCKET_PATH} bytes): set a shorter MIKROM_STATE_DIR")
-        self.reap_strays(local)
+        if not strays_reaped:
+            self.reap_strays(local)
         return driver.start(spec)
 
     def wait_ready(self, local: LocalVM) -> float:
         spec = vmm.spec_from_state(local.dir)
-        return vmm.driver_for_state(local.dir).wait_ready(spec, timeout=self.settings.boot_timeout_seconds)
+        took = vmm.driver_for_state(local.dir).wait_ready(spec, timeout=self.settings.boot_timeout_seconds)
+        if timing.current() is not None:
+            run = _read_json(local.dir / "run.json") or {}
+            ready = _read_json(local.dir / "ready") or {}
+            if "started_monotonic" in run:
+                timing.mark("vmm_exec", at=run["started_monotonic"])
+            if "monotonic" in ready:
+                timing.mark("ready_marker", at=ready["monotonic"])
+        return took
 
     def stop(self, local: LocalVM, timeout: float | None = None) -> None:
         """Stop the VM's VMM (gracefully, then killed after the timeout); fine if none runs."""
@@ -282,11 +321,21 @@ class Runtime:
             netdev.delete_tap(tap, self.netns)
         if had:
             local.remove()
+        cgroups = self.driver_configs()["qemu"]["host_cgroup"]
+        if cgroups:  # one made ahead for a VM that never started (prepare_vmm); a stop removes the others
+            hostcgroup.remove(hostcgroup.HostCgroupConfig.from_dict(cgroups), uid, timeout=0)
         # once more without the directory, under the lock of the policy sync (which reads the
         # directories), so no sync that started before the removal can leave an entry behind
         with self.locks.hold(NETWORK_LOCK, timeout=60):
             netpolicy.remove_vm(tap, self.netns)
         return had
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def kill_pid(pid: int, wait: float = 10.0) -> None:

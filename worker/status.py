@@ -16,6 +16,8 @@ import logging
 from kubernetes.client.rest import ApiException
 
 from mikrom import conditions, kube, metrics, names
+
+from . import timing
 from mikrom.names import Phase
 
 log = logging.getLogger(__name__)
@@ -63,20 +65,28 @@ class StatusWriter:
 
     def report(self, vm: dict, phase: str | None = None, reason: str | None = None, message: str | None = None,
                fields: dict | None = None, ready: tuple[bool, str, str] | None = None,
-               event_reason: str | None = None, event: tuple[str, str, str] | None = None) -> dict | None:
+               event_reason: str | None = None, event: tuple[str, str, str] | None = None,
+               guard: bool = False, defer_events: list | None = None) -> dict | None:
         """Write the worker's view of `vm`; returns the updated object, or None if the object is
         gone or is now another object with the same name.
 
         Entering a new phase records an Event (reason `event_reason`, by default the phase's own,
-        or the failure's reason); `event` = (type, reason, message) records one regardless.
+        or the failure's reason); `event` = (type, reason, message) records one regardless. With
+        `defer_events` (a list) the Events are appended to it instead, for `record_events` later,
+        so that a write on a task's critical path does not wait for them.
+
+        `guard`: the write is the first of an action decided from `vm`, so it also checks that the
+        object has not changed since `vm` was read (its resourceVersion). If it has, nothing is
+        written and ObjectChanged carries the fresh object, for the caller to decide again.
         """
         fields = fields or {}
         for _ in range(MAX_CONFLICTS):
             meta = vm["metadata"]
             current = vm.get("status") or {}
             patch = status_patch(current, meta.get("generation"), phase, reason, message, fields, ready)
-            if not patch:
+            if not patch and not guard:
                 return vm
+            # guarded and nothing to change: the empty patch still checks the resourceVersion
             body = {"metadata": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}, "status": patch}
             try:
                 updated = kube.custom().patch_namespaced_custom_object_status(
@@ -92,14 +102,22 @@ class StatusWriter:
                     # placed elsewhere meanwhile (the operator rescheduled it off a lost node):
                     # no longer this node's to report; the caller removes what it holds
                     return None
+                if guard:
+                    raise ObjectChanged(fresh)
                 vm = fresh
                 continue
-            self._record(vm, updated, phase, reason, message, event_reason, event)
+            timing.mark(f"write_{phase or 'status'}")
+            events = self._events(vm, phase, reason, message, event_reason, event)
+            if defer_events is not None:
+                defer_events.extend((updated, *e) for e in events)
+            else:
+                self.record_events([(updated, *e) for e in events])
             return updated
         raise ConflictStorm(f"status of {vm['metadata']['namespace']}/{vm['metadata']['name']} changed "
                             f"{MAX_CONFLICTS} times while being written")
 
-    def _record(self, before: dict, after: dict, phase, reason, message, event_reason, event) -> None:
+    def _events(self, before: dict, phase, reason, message, event_reason, event) -> list[tuple[str, str, str]]:
+        """(type, reason, message) of the Events a write records; counts the phase entered."""
         events = [event] if event else []
         if phase is not None and phase != (before.get("status") or {}).get("phase"):
             metrics.PHASES.labels(phase).inc()
@@ -107,13 +125,29 @@ class StatusWriter:
                 events.append(("Warning", event_reason or reason or "Failed", message or "the VM failed"))
             else:
                 events.append(("Normal", event_reason or PHASE_EVENT.get(phase, phase), message or phase))
-        for type_, ev_reason, ev_message in events:
+        return events
+
+    def record_events(self, events: list[tuple[dict, str, str, str]]) -> None:
+        """Record (object as written, type, reason, message) Events, in order."""
+        for after, type_, ev_reason, ev_message in events:
             log.info("%s/%s: %s %s: %s", after["metadata"]["namespace"], after["metadata"]["name"], type_,
                      ev_reason, ev_message)
             kube.event(after, ev_reason, f"{ev_message} (node {self.node})", type_=type_, component=COMPONENT)
+        if events:
+            timing.mark("events_" + "_".join(e[2] for e in events))
 
 
 class ConflictStorm(Exception):
     """The object kept changing under the status write; retry the task later."""
 
     reason = "Conflict"
+
+
+class ObjectChanged(ConflictStorm):
+    """A guarded write found the object changed since it was read: decide again from `fresh`
+    (should it escape, the task is retried like any conflict)."""
+
+    def __init__(self, fresh: dict):
+        super().__init__(f"{fresh['metadata'].get('namespace')}/{fresh['metadata'].get('name')} changed "
+                         "since it was read")
+        self.fresh = fresh

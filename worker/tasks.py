@@ -5,7 +5,7 @@ take exactly the keyword arguments of `mikrom.models.VMRef` and are thin, like w
 the reference, drop it unless it names a real MicroVM (worker/messages.py), forward it if it
 belongs to another node, take the VM's lock, call the reconciler, decide about a retry. They are
 idempotent "make it so" operations: the intent is only a hint, the reconciler acts on the object
-it re-reads from the API server (docs/protocol.md).
+read from the API server when the message arrived (docs/protocol.md).
 
 Beat tasks: `sync_vm_status` and `cleanup_old_vms` are broadcast (each node does its own),
 `health_check` and `generate_report` run on whichever worker takes them. They take no arguments:
@@ -27,7 +27,7 @@ from mikrom import kube, metrics, names
 from mikrom.celery_app import app
 from mikrom.models import VMRef
 
-from . import context, errors, maintenance, messages
+from . import context, errors, maintenance, messages, timing
 from .collector import WorkerCollector
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,12 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
         log.error("%s rejected: %s", task.name, exc)
         return {"outcome": "rejected", "error": str(exc)[:500]}
     ctx = context.get()
+    token = timing.begin(f"{task.name} {ref.namespace}/{ref.name}")
     try:
         vm = kube.get_vm(ref.namespace, ref.name)
+        timing.mark("get")
         why = messages.mismatch(ref.namespace, ref.name, ref.uid, vm, lambda: _recorded(ctx, ref.uid))
+        timing.mark("verified")
         if why:
             # a stale or forged message: nothing is done for it, least of all a teardown of the uid
             log.warning("%s for %s/%s (uid %r) dropped: %s", task.name, ref.namespace, ref.name, ref.uid, why)
@@ -86,9 +89,11 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
             log.info("%s for %s/%s forwarded to %s", task.name, ref.namespace, ref.name, names.node_queue(target))
             return {"outcome": f"forwarded to {target}", "uid": ref.uid}
         # the uid is this object's; should the object go while we wait for the lock, it is gone for
-        # good (a uid never returns) and the reconciler may remove what the node holds for it
-        outcome = maintenance.reconcile_locked(ctx, ref.namespace, ref.name, ref.uid,
-                                               lock_wait_seconds(ctx.settings))
+        # good (a uid never returns) and the reconciler may remove what the node holds for it. The
+        # object just read is the reconciler's too (one GET per message): its first status write
+        # checks that the object did not change meanwhile.
+        outcome = ctx.reconciler.reconcile_locked(ref.namespace, ref.name, ref.uid,
+                                                  lock_wait_seconds(ctx.settings), known=vm)
     except Exception as exc:
         if errors.is_transient(exc) and task.request.retries < errors.MAX_RETRIES:
             delay = errors.backoff(task.request.retries)
@@ -96,6 +101,8 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
                         task.request.retries + 1, delay)
             raise task.retry(exc=exc, countdown=delay, max_retries=errors.MAX_RETRIES)
         raise
+    finally:
+        timing.done(token)
     return {"outcome": outcome, "node": ctx.node, "uid": ref.uid, "intent": ref.intent}
 
 

@@ -17,8 +17,8 @@ Drivers subclass `Driver` and provide `command()` (the VMM's argv), `available()
 launch, e.g. Firecracker's API calls) and `_graceful_stop()`. `launch_detached()` is the one place
 that starts a supervisor.
 
-Every wait here polls with a short `time.sleep` and a deadline, so under gevent's monkey-patching
-nothing blocks the hub for long.
+Every wait here has a deadline and sleeps in `time.sleep` or `select` (gevent's under the worker's
+monkey-patching, so nothing blocks the hub); the wait for the ready marker wakes on inotify.
 """
 
 from __future__ import annotations
@@ -29,15 +29,17 @@ import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import hostcgroup
-from . import consolecap, sandbox
+from .. import hostcgroup, timing
+from . import consolecap, forkserver, sandbox
 from .sandbox import SandboxConfig, VMIds
 
 log = logging.getLogger(__name__)
@@ -148,25 +150,69 @@ class LaunchPlan:
         return args
 
 
+_fork_server: forkserver.ForkServer | None = None
+_fork_server_lock = threading.Lock()
+
+
+def fork_server() -> forkserver.ForkServer:
+    """This process's fork server for supervisors (started on first use; see forkserver.py)."""
+    global _fork_server
+    with _fork_server_lock:
+        if _fork_server is None:
+            _fork_server = forkserver.ForkServer(env=sandbox.vmm_environment())
+        return _fork_server
+
+
+def prestart_fork_server() -> None:
+    """Start the fork server now (the worker does at start), so no create waits for it."""
+    server = fork_server()
+    with server._lock:
+        server._ensure()
+
+
 def launch_detached(plan: LaunchPlan, state: Path, supervisor_args: list[str]) -> int:
     """Start the supervisor (consolecap.py) that starts the VMM of `plan`, detached from the
     caller, with a clean environment (nothing of the worker's: it holds credentials); return the
-    VMM's pid once it runs. `supervisor_args` are further supervisor options (console, cgroup)."""
-    launcher = [sys.executable, "-I", consolecap.__file__, "--state-dir", str(state), *supervisor_args,
-                *plan.supervisor_args(), "--", *plan.argv]
+    VMM's pid once it runs. `supervisor_args` are further supervisor options (console, cgroup).
+
+    The supervisor is forked by the fork server (forkserver.py), which has consolecap imported
+    already; only if that server cannot be reached does a launcher process of its own start it."""
+    args = ["--state-dir", str(state), *supervisor_args, *plan.supervisor_args(), "--", *plan.argv]
     try:
-        res = subprocess.run(launcher, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             timeout=LAUNCH_TIMEOUT, start_new_session=True, cwd=state,
-                             env=sandbox.vmm_environment())
-    except subprocess.TimeoutExpired as exc:
+        out = fork_server().launch(args, str(state), timeout=LAUNCH_TIMEOUT)
+        stderr = ""
+        if out is None:
+            log.warning("the supervisor fork server is unavailable; launching %s with a process of its own",
+                        plan.argv[0])
+            res = subprocess.run([sys.executable, "-I", "-S", consolecap.__file__, *args], check=False,
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                                 start_new_session=True, cwd=state, env=sandbox.vmm_environment())
+            out, stderr = res.stdout, f"launcher exited {res.returncode}: {res.stderr.strip()[-2000:]}"
+    except (subprocess.TimeoutExpired, TimeoutError) as exc:
         raise VMMStartFailed(f"launching {plan.argv[0]} took longer than {LAUNCH_TIMEOUT}s") from exc
-    try:
-        report = json.loads(res.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        report = {"error": f"launcher exited {res.returncode}: {res.stderr.strip()[-2000:]}"}
+    report = None
+    for line in reversed(out.strip().splitlines()):
+        try:
+            report = json.loads(line)
+            break
+        except ValueError:
+            continue
+    if not isinstance(report, dict):
+        report = {"error": stderr or f"the launcher gave no report: {out.strip()[-2000:]}"}
     if "pid" not in report:
         raise VMMStartFailed(report.get("error", "unknown launch failure"))
     return int(report["pid"])
+
+
+def is_supervisor(pid: int, state: Path) -> bool:
+    """Whether `pid` is the supervisor of the VM in `state` (never a recycled pid): its working
+    directory is the state dir and it runs consolecap, directly or forked by the fork server."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    cmdline = _cmdline(pid)
+    return cwd == str(state) and ("consolecap" in cmdline or "forkserver" in cmdline)
 
 
 def merge_kernel_args(defaults: list[str], user: str) -> str:
@@ -275,6 +321,54 @@ def console_tail(state_dir: str | os.PathLike, max_bytes: int = 4096) -> str:
     return data.decode(errors="replace").replace("\r\n", "\n")
 
 
+IN_CREATE, IN_MOVED_TO = 0x100, 0x80
+LIVENESS_INTERVAL = 0.25
+"""How often a wait for the ready marker also checks that the VMM still runs."""
+
+
+class DirWatch:
+    """Wakes a waiter as soon as a file is created or renamed into a directory (inotify), with a
+    timeout. Where inotify is unavailable it sleeps POLL_INTERVAL instead, so callers poll."""
+
+    def __init__(self, path: Path):
+        self.fd = -1
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd >= 0:
+                if libc.inotify_add_watch(fd, os.fsencode(str(path)), IN_CREATE | IN_MOVED_TO) >= 0:
+                    self.fd = fd
+                else:
+                    os.close(fd)
+        except (OSError, AttributeError):
+            pass
+
+    def wait(self, timeout: float) -> None:
+        if self.fd < 0:
+            time.sleep(min(timeout, POLL_INTERVAL))
+            return
+        # select is gevent's under the worker: only this greenlet waits
+        if select.select([self.fd], [], [], max(0.0, timeout))[0]:
+            try:
+                while os.read(self.fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "DirWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while _proc_alive(pid):
@@ -354,17 +448,20 @@ class Driver:
             {"driver": self.name, "driver_config": self.config(), "spec": spec.to_dict()}, indent=2))
         for stale in ("pid", "run.json", "ready", "exit.json"):
             (state / stale).unlink(missing_ok=True)
+        timing.mark("vm_json")
         try:
             self._prepare(spec)
             plan = self.launch_plan(spec)
         except sandbox.SandboxUnavailable as exc:
             raise VMMStartFailed(str(exc)) from exc
+        timing.mark("launch_plan")
         try:
             # The supervisor joins the VM's host cgroup before it starts the VMM.
             cgroup_args = hostcgroup.supervisor_args(self.host_cgroup, spec.uid, spec.vcpus, spec.memory_mib) \
                 if self.host_cgroup else []
         except hostcgroup.HostCgroupError as exc:
             raise VMMStartFailed(str(exc)) from exc
+        timing.mark("host_cgroup")
         pid = launch_detached(plan, state, ["--max-bytes", str(self.console_max_bytes),
                                             "--ready-marker", self.ready_marker, *cgroup_args])
         try:
@@ -382,29 +479,36 @@ class Driver:
 
         Raises VMMExited if the VMM dies first, BootTimeout after `timeout` seconds (the VMM keeps
         running; the caller decides whether to stop it). Both messages end with the console tail.
+        The supervisor's `ready` (or `exit.json`) appearing wakes the wait at once (inotify on the
+        state dir); the VMM's liveness is looked at every LIVENESS_INTERVAL besides.
         """
         state = Path(spec.state_dir).resolve()
         deadline = time.monotonic() + timeout
-        while True:
-            ready = _read_json(state / "ready")
-            if ready:
-                run = _read_json(state / "run.json") or {}
-                return max(0.0, ready["monotonic"] - run.get("started_monotonic", ready["monotonic"]))
-            if running_pid(state) is None:
-                # The marker may have landed just before the VMM exited: look once more.
-                if (state / "ready").exists():
-                    continue
-                # The supervisor records the exit status just after reaping; give it a moment.
-                settle = time.monotonic() + 1.0
-                while not (state / "exit.json").exists() and time.monotonic() < settle:
-                    time.sleep(POLL_INTERVAL)
-                exit_info = _read_json(state / "exit.json") or {}
-                raise VMMExited(f"{self.name} for {spec.uid} exited (status {exit_info.get('returncode')}) "
-                                f"before the guest was ready; console:\n{console_tail(state)}")
-            if time.monotonic() >= deadline:
-                raise BootTimeout(f"{spec.uid} printed no {self.ready_marker} within {timeout:.0f}s; "
-                                  f"console:\n{console_tail(state)}")
-            time.sleep(POLL_INTERVAL)
+        with DirWatch(state) as watch:
+            while True:
+                ready = _read_json(state / "ready")
+                if ready:
+                    run = _read_json(state / "run.json") or {}
+                    return max(0.0, ready["monotonic"] - run.get("started_monotonic", ready["monotonic"]))
+                if running_pid(state) is None:
+                    # The marker may have landed just before the VMM exited: look once more.
+                    if _read_json(state / "ready"):
+                        continue
+                    # The supervisor records the exit status just after reaping, once it has read
+                    # the console to its end; give it a moment, then look for the marker once more.
+                    settle = time.monotonic() + 1.0
+                    while not (state / "exit.json").exists() and time.monotonic() < settle:
+                        watch.wait(settle - time.monotonic())
+                    if _read_json(state / "ready"):
+                        continue
+                    exit_info = _read_json(state / "exit.json") or {}
+                    raise VMMExited(f"{self.name} for {spec.uid} exited (status {exit_info.get('returncode')}) "
+                                    f"before the guest was ready; console:\n{console_tail(state)}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BootTimeout(f"{spec.uid} printed no {self.ready_marker} within {timeout:.0f}s; "
+                                      f"console:\n{console_tail(state)}")
+                watch.wait(min(remaining, LIVENESS_INTERVAL))
 
     def stop(self, state_dir: str | os.PathLike, timeout: float = 30.0) -> None:
         """Stop the VM: ask the guest to power off, kill it after `timeout` seconds. Stopping a VM
@@ -442,7 +546,7 @@ class Driver:
         # Let the supervisor drain the last console bytes and record the exit status.
         run = _read_json(state / "run.json") or {}
         sup = run.get("supervisor_pid")
-        if sup and "consolecap" in _cmdline(sup) and str(state) in _cmdline(sup):
+        if sup and is_supervisor(int(sup), state):
             _wait_gone(int(sup), 5.0)
         (state / "pid").unlink(missing_ok=True)
         self._cleanup(state)
