@@ -11,7 +11,8 @@ node whose Ready condition already says NodeLost (the previous process found it 
 operator's clock): it stays lost from then on until its heartbeat changes.
 
 The operator also counts its own blindness. While it cannot read the API server (its probe, a
-list of the MicroVMNodes once per node check, fails), no heartbeat can change in its eyes,
+list of the MicroVMNodes once per node check, fails, or no check ran at all because the operator
+itself was stopped; operator/nodes.py), no heartbeat can change in its eyes,
 which says nothing about the nodes: the workers may well be heartbeating to an API server the
 operator cannot reach, or keeping their VMs through an outage (worker/fence.py). So while it is
 blind no node's heartbeat ages, and once a probe succeeds again every age counts from that
@@ -27,10 +28,13 @@ from the node watch's objects and the probe's list as the operator reads them).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 
 from mikrom import conditions, names
+
+log = logging.getLogger(__name__)
 
 Seen = tuple[str, float]
 """(the heartbeat value last seen, the operator's time when that value was first seen)."""
@@ -98,24 +102,43 @@ class Beats:
         self._sight_from: float | None = None
         self._lost_before: set[str] = set()
         """Nodes already lost when the last blindness began."""
+        self.frozen_after: float | None = None
+        """A gap this long between two looks at the heartbeats (operator/nodes.py sets it) means
+        the operator itself was not running: blind for that gap."""
+        self._last_look: float | None = None
 
     def blind(self, now: float, lost_after: float) -> bool:
         """The operator could not read the API server at `now`; True if it could until then."""
         with self._lock:
-            if self._blind_since is not None:
-                return False
-            self._lost_before = {n for n, (_, at) in self._seen.items()
-                                 if now - self._counted(n, at, now, lost_after) > lost_after}
-            self._blind_since = now
-            return True
+            return self._blind(now, lost_after)
+
+    def _blind(self, now: float, lost_after: float) -> bool:
+        if self._blind_since is not None:
+            return False
+        self._lost_before = {n for n, (_, at) in self._seen.items()
+                             if now - self._counted(n, at, now, lost_after) > lost_after}
+        self._blind_since = now
+        return True
 
     def sighted(self, now: float) -> float | None:
         """The operator read the API server at `now`; how long it was blind, if it was."""
         with self._lock:
-            if self._blind_since is None:
-                return None
-            blind_for, self._blind_since, self._sight_from = now - self._blind_since, None, now
-            return blind_for
+            return self._sighted(now)
+
+    def _sighted(self, now: float) -> float | None:
+        if self._blind_since is None:
+            return None
+        blind_for, self._blind_since, self._sight_from = now - self._blind_since, None, now
+        return blind_for
+
+    def _look(self, now: float, lost_after: float) -> None:
+        """Count a long gap since the last look as blindness (the operator was frozen, suspended
+        or starved, and saw nothing meanwhile), over at once if it is not blind otherwise."""
+        last, self._last_look = self._last_look, now if self._last_look is None else max(now, self._last_look)
+        if last is not None and self.frozen_after and now - last > self.frozen_after and self._blind(last, lost_after):
+            self._sighted(now)
+            log.warning("no heartbeat was looked at for %.0fs (the operator was stopped): seeing again after that "
+                        "gap, heartbeat ages count from now", now - last)
 
     @property
     def is_blind(self) -> bool:
@@ -130,6 +153,7 @@ class Beats:
         it first saw the current value, or later after a blindness)."""
         name = node["metadata"]["name"]
         with self._lock:
+            self._look(now, lost_after)
             previous = self._seen.get(name)
             first = first_seen(node, now, lost_after) if previous is None else None
             seen = observe(previous, beat_of(node), now, first)

@@ -6,7 +6,8 @@ again when it returns, rescheduled past the self-fence margin).
 Before judging, a probe lists the MicroVMNodes from the API server, at most once per check
 interval for all nodes: the heartbeats it reads are current whatever became of the watch, and a
 failed list tells the heartbeat clock that the operator is blind (`heartbeats`: no heartbeat
-ages while the operator cannot see, and ages count from when it can see again).
+ages while the operator cannot see, and ages count from when it can see again). So does a long
+gap in which no heartbeat was looked at: the operator itself was frozen or starved.
 """
 
 from __future__ import annotations
@@ -28,14 +29,24 @@ log = logging.getLogger(__name__)
 _last_prune = [0.0]
 _last_probe = [float("-inf")]
 _probe_lock = threading.Lock()
-PROBE_TIMEOUT = (2, 5)
-"""connect, read: shorter than other calls, a hanging API server counts as blindness soon."""
+PROBE_TIMEOUT = (3, 10)
+"""connect, read: shorter than other calls, so a hanging API server counts as blindness well
+before a lost node's VMs are due to move; long enough that a merely slow one does not."""
+
+
+def frozen_after(interval: float) -> float:
+    """A gap this long with no heartbeat looked at means the operator was not running meanwhile
+    (a node is checked every `interval`, and a hanging probe holds up only its own thread)."""
+    return 3 * interval + 10
 
 
 def check_interval() -> float:
     """How often each node is checked: often enough that a lost node's VMs are Unknown well within
     nodeLostAfterSeconds + 10 s."""
     return max(0.5, min(SETTINGS.reconcile_interval_seconds, SETTINGS.node_lost_after_seconds / 4, 5.0))
+
+
+BEATS.frozen_after = frozen_after(check_interval())
 
 
 def reconcile(body: dict) -> None:

@@ -1,10 +1,14 @@
 """The operator judges heartbeats by its own clock: by when it saw each node's heartbeat change,
 never by the time the worker's clock wrote. Nodes whose clocks are 5 minutes behind or ahead stay
 Ready while they heartbeat; one whose (future) heartbeat stops changing goes NotReady on time; an
-operator restart neither declares a node lost at once nor revives one already lost."""
+operator restart neither declares a node lost at once nor revives one already lost; an operator
+frozen for longer than the fence and margin counts the freeze as its own blindness, not as the
+nodes' silence."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from harness.operator_proc import TEST_ENV
@@ -76,3 +80,27 @@ def test_an_operator_restart_neither_declares_a_node_lost_at_once_nor_revives_a_
     worker.resume_heartbeat(frozen)
     mvms.wait_phase("on-frozen", "Running", timeout=15)
     wait_for(lambda: ready(mvms, frozen).get("status") == "True", 10, "the frozen node to be Ready again")
+
+
+def test_an_operator_frozen_past_the_fence_and_margin_takes_no_node_for_lost_when_it_thaws(operators, worker, mvms):
+    fence, margin = 6.0, 2.0  # the thawed operator would move the VM at once if it counted the freeze as age
+    sel = {"test": mvms.label}
+    node = f"beating-{mvms.label}"
+    worker.add_node(node, labels=sel)
+    op = operators(env={"MIKROM_SELF_FENCE_AFTER_SECONDS": str(fence), "MIKROM_RESCHEDULE_MARGIN_SECONDS": str(margin)})
+    mvms.create("movable", nodeSelector=sel)  # not pinned: a lost node's VM would be rescheduled
+    mvms.wait_phase("movable", "Running")
+
+    def in_place():
+        st = mvms.status("movable")
+        return ready(mvms, node).get("status") == "True" and st.get("phase") == "Running" and st.get("node") == node
+
+    wait_for(in_place, 15, "the node Ready and the VM Running")
+    os.kill(op.proc.pid, signal.SIGSTOP)
+    try:
+        # frozen past the fence, the margin and the gap that counts as the operator's own blindness
+        holds_for(in_place, 3 * 1.0 + 10 + 2, "the VM in place while the operator is frozen")
+    finally:
+        os.kill(op.proc.pid, signal.SIGCONT)
+    holds_for(in_place, LOST_AFTER + 3, "the node Ready and the VM in place after the thaw")
+    assert any("the operator was stopped" in line for line in op.lines())

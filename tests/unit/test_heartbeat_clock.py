@@ -118,3 +118,18 @@ def test_an_api_outage_the_operator_saw_neither_loses_nodes_nor_reschedules_on_i
         assert health.reschedule_due(vm, obj, later, fence, margin, after[n]) is not None, n
     beaten = node("alive", "a2")
     assert beats.observe(beaten, later, LOST_AFTER) == later
+
+
+def test_an_operator_that_was_itself_stopped_counts_the_gap_as_blindness():
+    beats = Beats()
+    beats.frozen_after = 45.0
+    alive, dead = node("alive", "a1"), node("dead", "d1")
+    beats.observe_all({"alive": node("alive", "a0"), "dead": dead}, NOW - 110, LOST_AFTER)
+    beats.observe_all({"alive": node("alive", "a0"), "dead": dead}, NOW - 75, LOST_AFTER)
+    beats.observe(alive, NOW - 60, LOST_AFTER)  # then the operator is frozen for a minute
+    back = beats.observe_all({"alive": alive, "dead": dead}, NOW, LOST_AFTER)
+    assert back["alive"] == NOW, "ages count from the thaw"
+    assert not health.health(dead, NOW, LOST_AFTER, back["dead"]).ready, "lost before the freeze: still lost"
+    assert not beats.is_blind
+    steady = beats.observe_all({"alive": alive, "dead": dead}, NOW + 44, LOST_AFTER)
+    assert steady["alive"] == NOW, "a gap shorter than frozen_after is no blindness"
