@@ -21,7 +21,7 @@ import kopf
 
 from mikrom import metrics, names
 
-from . import cordons, nodes, pools, scheduler, startup, vms
+from . import apisession, cordons, nodes, pools, scheduler, startup, vms
 from .collector import OperatorCollector
 from .dispatch import NOTES, DispatchRetry
 from .state import SETTINGS, STATE
@@ -47,6 +47,11 @@ async def operator_startup(settings: kopf.OperatorSettings, **_) -> None:
     STATE.waker = scheduler.SWEEPER.wake
     await asyncio.get_running_loop().run_in_executor(settings.execution.executor, startup.ensure_peering,
                                                      settings, SETTINGS)
+
+
+@kopf.on.login()
+async def operator_login(**kwargs):
+    return await apisession.login(**kwargs)  # kopf's credentials, a bounded connection pool
 
 
 @kopf.on.cleanup()
