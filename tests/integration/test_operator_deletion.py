@@ -35,6 +35,7 @@ def test_finalizer_comes_off_only_after_the_worker_confirms(operators, worker, m
     _gone(mvms, "vm", 10)
     # it went only when the worker wrote cleanedUpAt, 3 s after taking the delete task
     assert time.monotonic() - deleted >= 2.8
+    mvms.wait_events(uid, "Deleted")  # Events are recorded in the background, after what they report
     reasons = [e.reason for e in mvms.events(uid)]
     assert reasons == [names.SCHEDULED, "Deleting", "Deleted"], reasons
     assert "sent delete_vm_task" in mvms.events(uid)[1].message
@@ -63,8 +64,8 @@ def test_without_an_answer_the_finalizer_stays_until_force_delete_is_set(operato
     assert took >= DELETE_WAIT - 1.0, took  # the bounded wait was waited
     uid = [m.kwargs["uid"] for m in worker.messages(task=names.DELETE_VM) if m.kwargs["name"] == "forced"]
     assert len(uid) == 1  # the delete task was sent even so
-    forced = [e for e in mvms.events(uid[0]) if e.reason == names.FORCE_DELETED]
-    assert forced and forced[0].type == "Warning" and names.ANNOTATION_FORCE_DELETE in forced[0].message
+    forced = mvms.wait_events(uid[0], names.FORCE_DELETED)
+    assert forced[0].type == "Warning" and names.ANNOTATION_FORCE_DELETE in forced[0].message
 
     # no answer, node alive, no annotation: it waits, past the bounded wait and a margin
     holds_for(lambda: mvms.status("waits").get("phase") == "Deleting",
@@ -87,8 +88,8 @@ def test_vm_on_a_lost_node_is_released_after_the_bounded_wait_with_a_warning(ope
     mvms.delete("vm")
     holds_for(lambda: mvms.get("vm") is not None, 1, "vm to stay until the bounded wait is over")
     _gone(mvms, "vm", DELETE_WAIT + 10)
-    forced = [e for e in mvms.events(uid) if e.reason == names.FORCE_DELETED]
-    assert forced and forced[0].type == "Warning" and "lost" in forced[0].message
+    forced = mvms.wait_events(uid, names.FORCE_DELETED)
+    assert forced[0].type == "Warning" and "lost" in forced[0].message
 
 
 def test_unplaced_vm_is_deleted_at_once(operators, worker, mvms):
