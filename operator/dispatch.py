@@ -153,10 +153,13 @@ class Notes:
         self._lock = threading.Lock()
         self._lanes: list[ThreadPoolExecutor] = []
         self._pending = 0
+        self._closed = False
 
     def submit(self, body: dict, reason: str, message: str, warning: bool = False) -> None:
         meta = body.get("metadata") or {}
         with self._lock:
+            if self._closed:
+                return
             if not self._lanes:
                 self._lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"events-{i}") for i in range(self.LANES)]
             full = self._pending >= self.MAX_PENDING
@@ -176,7 +179,7 @@ class Notes:
     def close(self) -> None:
         """Drop the Events still waiting: the operator is stopping, and a backlog must not hold up its exit."""
         with self._lock:
-            lanes, self._lanes = self._lanes, []
+            lanes, self._lanes, self._closed = self._lanes, [], True
         for lane in lanes:
             lane.shutdown(wait=False, cancel_futures=True)
 

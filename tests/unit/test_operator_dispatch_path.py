@@ -80,3 +80,28 @@ def test_the_diff_base_lives_in_memory_per_uid_and_is_forgotten_with_the_object(
     assert storage.fetch(body=a) is None and storage.fetch(body=c) == {"spec": {"vcpus": 3}}
     storage.forget("c")
     assert storage.fetch(body=c) is None
+
+
+def test_a_stopping_operator_drops_the_events_still_waiting(monkeypatch):
+    rec = Recorder(expect=1)
+    monkeypatch.setattr(dispatch, "emit", rec)
+    taken_up = threading.Event()
+
+    class Flight(dispatch.InFlight):
+        def wait_idle(self, timeout: float) -> bool:
+            taken_up.set()
+            return super().wait_idle(timeout)
+
+    flight = Flight()
+    monkeypatch.setattr(dispatch, "IN_FLIGHT", flight)
+    notes = dispatch.Notes()
+    with flight:
+        notes.submit(_vm("a"), "Scheduled", "first")
+        assert taken_up.wait(5)  # its lane has it, and waits for the dispatch
+        lanes = list(notes._lanes)
+        notes.submit(_vm("a"), "Scheduled", "queued")
+        notes.close()
+        notes.submit(_vm("a"), "Scheduled", "after")
+    for lane in lanes:
+        lane.shutdown(wait=True)
+    assert [m for _, m in rec.seen] == ["first"]
