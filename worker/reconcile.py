@@ -240,6 +240,7 @@ class Reconciler:
     def _network(self, vm, local: LocalVM, vmm_name: str) -> rt.Address:
         cidr = self.ctx.node_cidr()
         address = self.runtime.allocate_address(local, cidr, (vm.get("status") or {}).get("ipAddress"))
+        timing.mark("address")
         owner = self.runtime.tap_owner(vmm_name, local)
         self.runtime.ensure_network(cidr, address, tap_owner=owner)
         timing.mark("network")

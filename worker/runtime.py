@@ -111,9 +111,11 @@ class Runtime:
         finding it done): stray VMMs of this VM killed, the uid the VMM runs as claimed, its host
         cgroup created."""
         self.reap_strays(local)
+        timing.mark("strays")
         driver = self.driver(vmm_name)
         try:
             driver.vm_ids(local.dir)
+            timing.mark("vm_ids")
         except vmm.SandboxUnavailable as exc:
             raise vmm.VMMStartFailed(str(exc)) from exc
         if driver.host_cgroup:
@@ -121,6 +123,7 @@ class Runtime:
                 hostcgroup.create(driver.host_cgroup, local.uid, vcpus, memory_mib)
             except hostcgroup.HostCgroupError as exc:
                 raise vmm.VMMStartFailed(str(exc)) from exc
+            timing.mark("cgroup_made")
 
     def available_vmms(self) -> list[str]:
         if self._available is None:
@@ -208,13 +211,21 @@ class Runtime:
                     if self.policy.enabled:
                         netpolicy.sync(self._policy_entries(), netns=self.netns, prune=True)
                 self._bridges.add(key)
-            steps = {"tap": lambda: netdev.ensure_tap(address.tap, self.settings.bridge, netns=self.netns,
-                                                      user=tap_owner)}
+            def tap():
+                netdev.ensure_tap(address.tap, self.settings.bridge, netns=self.netns, user=tap_owner)
+                timing.mark("tap")
+
+            steps = {"tap": tap}
             if self.policy.enabled:
                 # at the same time as the tap: a tap of ours without its entry drops everything, and
                 # an entry without its tap matches nothing, so neither order lets anything through
                 entry = netpolicy.VMEntry(address.tap, address.mac, address.ip, address.namespace, address.name)
-                steps["policy"] = lambda: netpolicy.ensure_vm(entry, netns=self.netns)
+
+                def policy():
+                    netpolicy.ensure_vm(entry, netns=self.netns)
+                    timing.mark("policy_entry")
+
+                steps["policy"] = policy
             try:
                 error = concurrently.run(**steps).first_error("tap", "policy")
                 if error is not None:
