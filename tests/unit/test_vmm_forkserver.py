@@ -1,0 +1,90 @@
+"""Supervisors forked by the fork server (worker/vmm/forkserver.py): what they are, and what
+happens when the server is not there. The "VMM" is sh, as in test_vmm_supervision.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from mikrom.worker.vmm import base
+from mikrom.worker.vmm.base import Driver, VMSpec, running_pid
+
+pytestmark = pytest.mark.unit
+
+
+class ShellDriver(Driver):
+    name = "shell"
+
+    def available(self):
+        return True
+
+    def command(self, spec):
+        # `read` waits on the serial input without a child process holding the console
+        return ["sh", "-c", "echo MIKROM-READY; read x", f"{Path(spec.state_dir).resolve()}/vmm"]
+
+
+def _spec(tmp_path: Path, name: str) -> VMSpec:
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"k")
+    return VMSpec(uid=f"uid-{name}", name=name, vcpus=1, memory_mib=64, kernel=str(kernel),
+                  state_dir=tmp_path / name)
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _boot(tmp_path: Path, name: str) -> tuple[Driver, VMSpec, int]:
+    driver = ShellDriver()
+    spec = _spec(tmp_path, name)
+    driver.start(spec)
+    driver.wait_ready(spec, timeout=20)
+    supervisor = json.loads((spec.state_dir / "run.json").read_text())["supervisor_pid"]
+    return driver, spec, supervisor
+
+
+def test_a_supervisor_is_forked_by_the_fork_server_recognised_as_its_vms_and_waited_for_on_stop(tmp_path):
+    driver, spec, supervisor = _boot(tmp_path, "forked")
+    state = spec.state_dir.resolve()
+    assert "forkserver.py" in _cmdline(supervisor)
+    assert base.is_supervisor(supervisor, state)
+    assert not base.is_supervisor(supervisor, state.parent), "another VM's directory is not its own"
+    assert not base.is_supervisor(os.getpid(), state)
+    ppid = int(Path(f"/proc/{supervisor}/stat").read_text().rpartition(")")[2].split()[1])
+    assert ppid != os.getpid(), "detached: not a child of the process that started the VM"
+    driver.stop(spec.state_dir, timeout=0)
+    # the stop waited for the supervisor: the exit status is recorded and it is gone
+    assert json.loads((spec.state_dir / "exit.json").read_text())["returncode"] is not None
+    assert not base._proc_alive(supervisor)
+
+
+def test_without_the_fork_server_a_launcher_process_of_its_own_starts_the_supervisor(tmp_path, monkeypatch):
+    class Unavailable:
+        def launch(self, *args, **kwargs):
+            return None
+
+    monkeypatch.setattr(base, "fork_server", lambda: Unavailable())
+    driver, spec, supervisor = _boot(tmp_path, "direct")
+    try:
+        assert "consolecap.py" in _cmdline(supervisor)
+        assert base.is_supervisor(supervisor, spec.state_dir.resolve())
+    finally:
+        driver.stop(spec.state_dir, timeout=0)
+    assert running_pid(spec.state_dir) is None
+
+
+def test_a_fork_server_that_died_is_started_again(tmp_path):
+    base.prestart_fork_server()
+    server = base.fork_server()._proc
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(timeout=10)
+    driver, spec, supervisor = _boot(tmp_path, "again")
+    try:
+        assert "forkserver.py" in _cmdline(supervisor)
+        assert base.fork_server()._proc.pid != server.pid
+    finally:
+        driver.stop(spec.state_dir, timeout=0)
