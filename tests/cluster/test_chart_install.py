@@ -2,13 +2,14 @@
 built, every component running under the chart's own ServiceAccounts, the example MicroVM booting
 (QEMU, TCG) with its VMM in a host cgroup of its own, the VMM surviving the worker pod's deletion
 and a `helm upgrade`, the lifecycle, the admission policy refusing a worker another node's writes,
-Flower through the Ingress, and `helm uninstall` leaving no pod.
+Flower through the Ingress (its login, the VM's create task in its API, a screenshot of its task
+list), and `helm uninstall` leaving no pod well within the worker's grace period.
 
-Redis is the chart's StatefulSet when the cluster has a Redis image (`cluster.images["redis"]`),
-else a real redis-server this module starts inside the cluster's network namespace, on the node's
-address (`externalRedis`), with its password in a Secret. The VMs' groups go under the
-cluster's own cgroup root, so tearing the cluster down takes any VM a failed test left with it.
-The tests run in order against one release (installing takes minutes).
+Redis is the chart's own standalone StatefulSet (hack/images.sh's Debian redis-server image, no
+persistence: the cluster has no storage provisioner) with the password the chart generates, which
+an upgrade must keep (test_chart_sentinel.py runs Sentinel with `redis.auth.existingSecret`). The VMs' groups go under the cluster's own cgroup root, so tearing
+the cluster down takes any VM a failed test left with it. The tests run in order against one
+release (installing takes minutes).
 """
 
 from __future__ import annotations
@@ -16,20 +17,21 @@ from __future__ import annotations
 import base64
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from harness import binaries, cluster_config, cluster_pods, procs
-from harness.cluster import nsenter
+from harness import binaries, cluster_config, cluster_pods
 from harness.cluster_addons import INGRESS_CLASS
+from harness.screenshot import screenshot
+from harness.vms import vmm_pids
 from harness.waits import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +40,9 @@ NODE = cluster_config.NODE_NAME
 COMPONENTS = {"operator": 2, "worker": 1, "beat": 1, "flower": 1}
 INSTALL_TIMEOUT = "10m"
 GRACE_SECONDS = yaml.safe_load((CHART / "values.yaml").read_text())["worker"]["terminationGracePeriodSeconds"]
+UNINSTALL_BOUND = 90
+"""Seconds from `helm uninstall` to no pod left: far below the worker's grace period, which a worker
+whose Redis went in the same uninstall used to run out (its event heartbeats reconnected forever)."""
 
 
 class Release:
@@ -94,22 +99,6 @@ def _ref(image: dict) -> tuple[str, str]:
     return repository, tag
 
 
-def _start_redis(cluster, workdir: Path) -> tuple[procs.Proc, int, str]:
-    """redis-server on the node's address inside the cluster's namespace, password in its config."""
-    port = procs.free_port()
-    password = secrets.token_hex(16)
-    conf = workdir / "redis.conf"
-    conf.write_text(f"bind {cluster_config.NODE_IP}\nport {port}\nrequirepass {password}\nsave \"\"\n"
-                    f"appendonly no\ndir {workdir}\nprotected-mode yes\ndaemonize no\n")
-    conf.chmod(0o600)
-    proc = procs.start(f"chart-redis-{port}", [*nsenter(cluster.layout), shutil.which("redis-server"), str(conf)],
-                       workdir)
-    wait_for(lambda: "Ready to accept connections" in proc.log.read_text(errors="replace") or not proc.alive(),
-             30, "redis-server to listen")
-    assert proc.alive(), proc.tail(40)
-    return proc, port, password
-
-
 @pytest.fixture(scope="module")
 def release(cluster, guest_image_dir, artifacts_dir):
     name = "mk" + uuid.uuid4().hex[:6]
@@ -121,12 +110,6 @@ def release(cluster, guest_image_dir, artifacts_dir):
     (state / "images").mkdir()
     for f in ("vmlinuz", "initrd.img"):
         shutil.copy(guest_image_dir / f, state / "images" / f)
-    redis = None
-    if "redis" not in cluster.images:  # no Redis image built: a real redis-server beside the cluster
-        redis_dir = artifacts_dir / f"chart-redis-{name}"
-        redis_dir.mkdir(parents=True)
-        redis, port, password = _start_redis(cluster, redis_dir)
-        procs.STARTED.append(redis)
     parent = cluster.layout.cgroup_root.strip("/") + "/mikrom-vms"
     flower_host = f"flower.{name}.test"
     operator_repo, operator_tag = _ref(cluster.images["operator"])
@@ -142,27 +125,16 @@ def release(cluster, guest_image_dir, artifacts_dir):
                            "MIKROM_CLUSTER_POD_CIDR": cluster_config.POD_CIDR}},
         "flower": {"ingress": {"enabled": True, "className": INGRESS_CLASS, "hosts": [flower_host]}},
     }
-    if redis:
-        values["redis"] = {"enabled": False}
-        values["externalRedis"] = {"url": f"redis://{cluster_config.NODE_IP}:{port}/0", "existingSecret": "broker",
-                                   "existingSecretPasswordKey": "redis-password"}
-    else:  # the in-chart StatefulSet; no storage provisioner here
-        repository, tag = _ref(cluster.images["redis"])
-        values["redis"] = {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
-                           "persistence": {"enabled": False}}
+    # the in-chart StatefulSet with a generated password; no storage provisioner here
+    redis_repo, redis_tag = _ref(cluster.images["redis"])
+    values["redis"] = {"image": {"repository": redis_repo, "tag": redis_tag, "pullPolicy": "Never"},
+                       "persistence": {"enabled": False}}
     values_file = state / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
     r = Release(cluster, name, namespace, state, parent, values_file, tenant, flower_host)
-    r.external_redis = redis is not None
+    r.create_task = None  # (VM uid, task id) of the example VM's create, once it ran
     r.kubectl("create", "namespace", namespace)
     r.kubectl("create", "namespace", tenant)
-    if redis:
-        secret_file = state / "redis-password"
-        secret_file.write_text(password)
-        secret_file.chmod(0o600)
-        r.kubectl("create", "secret", "generic", "broker", "-n", namespace,
-                  f"--from-file=redis-password={secret_file}")
-        secret_file.unlink()
     try:
         yield r
     finally:
@@ -170,7 +142,7 @@ def release(cluster, guest_image_dir, artifacts_dir):
             # whatever a failed test left: VMs first (their finalizer needs the operator and the worker)
             r.kubectl("delete", "microvms", "--all", "-n", tenant, "--timeout=90s", check=False, timeout=120)
             r.helm("uninstall", name, "-n", namespace, "--wait", "--timeout", "3m", check=False)
-            for pid in _vmm_pids(state):
+            for pid in vmm_pids(state):
                 os.kill(pid, signal.SIGKILL)
             # the worker's MicroVMNode outlives the release (as CRDs and MicroVMs do); no operator is
             # left to lift its finalizer
@@ -180,9 +152,6 @@ def release(cluster, guest_image_dir, artifacts_dir):
             for ns in (tenant, namespace):
                 r.kubectl("delete", "namespace", ns, "--wait=false", check=False)
         finally:
-            if redis:
-                redis.stop()
-                procs.STARTED.remove(redis)
             shutil.rmtree(state, ignore_errors=True)
             try:
                 state.parent.rmdir()  # unless another session's state is in it
@@ -190,25 +159,12 @@ def release(cluster, guest_image_dir, artifacts_dir):
                 pass
 
 
-def _vmm_pids(state: Path) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(state) + "/" in cmd and _alive(int(entry)):
-                found.append(int(entry))
-    return found
-
-
 # ---------------------------------------------------------------------------------------------
 
 def test_helm_install_wait_brings_every_component_up(release):
     release.helm("install", release.name, str(CHART), "-n", release.namespace, "-f", str(release.values),
                  "--wait", "--timeout", INSTALL_TIMEOUT)
-    expected = {**COMPONENTS, **({} if release.external_redis else {"redis": 1})}
+    expected = {**COMPONENTS, "redis": 1}
     # `--wait` counts a DaemonSet with maxUnavailable 1 on one node as ready with no pod ready
     for component, count in expected.items():
         def up(component=component, count=count):
@@ -264,6 +220,8 @@ def test_the_example_microvm_runs_with_its_vmm_in_a_host_cgroup_of_its_own(relea
     vm = _wait_phase(release, "hello", "Running")
     pid, uid = vm["status"]["pid"], vm["metadata"]["uid"]
     assert vm["status"]["node"] == NODE and _alive(pid)
+    # the create task's id, for Flower's task list below
+    release.create_task = (uid, vm["status"]["dispatch"]["taskId"])
     _assert_in_own_group(release, pid, uid, vm["spec"]["vcpus"], vm["spec"]["memoryMiB"])
 
 
@@ -368,20 +326,29 @@ def test_the_admission_policy_refuses_the_worker_writes_to_another_nodes_objects
         release.kubectl("delete", "microvmnode", other, "--ignore-not-found", check=False)
 
 
-def _get(release, path: str, auth: tuple[str, str] | None = None) -> int | None:
+def _request(release, path: str, auth: tuple[str, str] | None = None) -> urllib.request.Request:
     req = urllib.request.Request(release.cluster.ingress_url + path, headers={"Host": release.flower_host})
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    return req
+
+
+def _get(release, path: str, auth: tuple[str, str] | None = None) -> int | None:
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(_request(release, path, auth), timeout=10) as resp:
             return resp.status
     except OSError as exc:
         return getattr(exc, "code", None)
 
 
+def _get_json(release, path: str, auth: tuple[str, str]):
+    with urllib.request.urlopen(_request(release, path, auth), timeout=10) as resp:
+        return json.loads(resp.read())
+
+
 def _redis_password(release) -> str:
-    name = "broker" if release.external_redis else f"{release.name}-mikrom-redis"
-    data = json.loads(release.kubectl("get", "secret", name, "-n", release.namespace, "-o", "json").stdout)["data"]
+    data = json.loads(release.kubectl("get", "secret", f"{release.name}-mikrom-redis", "-n", release.namespace,
+                                      "-o", "json").stdout)["data"]
     return base64.b64decode(data["redis-password"]).decode()
 
 
@@ -401,20 +368,44 @@ def test_flower_answers_through_the_ingress_with_its_generated_login_only(releas
     assert _get(release, "/flower/metrics", login) == 404, "/metrics must not be on the Ingress"
 
 
-def test_helm_uninstall_leaves_no_pod(release):
+def test_flowers_api_lists_the_create_task_of_the_vm_and_its_task_page_renders(release):
+    login = _flower_login(release)
+    assert release.create_task, "the example MicroVM's test did not get it Running"
+    vm_uid, task_id = release.create_task
+    # the operator's task-sent event and the worker's task events, through Redis, reached Flower
+
+    def listed() -> dict | None:
+        tasks = _get_json(release, "/flower/api/tasks?taskname=create_vm_task", login)
+        return tasks if (tasks.get(task_id) or {}).get("state") == "SUCCESS" else None
+    task = wait_for(listed, 60, f"Flower to list create_vm_task {task_id} as SUCCESS")[task_id]
+    assert task["uuid"] == task_id and task["name"] == "create_vm_task", task
+    assert vm_uid in task["kwargs"] and "hello" in task["kwargs"], task
+    assert task["worker"] == f"mikrom@{NODE}", task
+
+    # a picture of Flower's task list (for people, not asserted beyond being one)
+    path = REPO / ".test-artifacts" / "screenshots" / "chart-flower-tasks.png"
+    screenshot(f"{release.cluster.ingress_url}/flower/tasks", path, basic_auth=login, host=release.flower_host,
+               width=1400, height=900)
+    png = path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) \
+        == (1400, 900), f"{path}: not a 1400x900 PNG"
+
+
+def test_helm_uninstall_leaves_no_pod_well_within_the_workers_grace_period(release):
+    t0 = time.monotonic()
     release.helm("uninstall", release.name, "-n", release.namespace, "--wait", "--timeout", "5m")
 
     def left() -> list[str]:
         items = json.loads(release.kubectl("get", "pods", "-n", release.namespace, "-o", "json").stdout)["items"]
         return [p["metadata"]["name"] for p in items]
-    # within the worker's grace period: a worker whose Redis went in the same uninstall keeps
-    # reconnecting in its warm shutdown until it is killed
-    grace = GRACE_SECONDS + 60
-    wait_for(lambda: not left(), grace, f"no pod left in {release.namespace}")
+    # the worker's warm shutdown ends with its tasks, although its Redis goes in the same uninstall
+    assert UNINSTALL_BOUND < GRACE_SECONDS / 3
+    wait_for(lambda: not left(), UNINSTALL_BOUND - (time.monotonic() - t0),
+             f"no pod left in {release.namespace} {UNINSTALL_BOUND} s after helm uninstall (grace {GRACE_SECONDS} s)")
     assert release.kubectl("get", "clusterrole", f"{release.name}-mikrom-operator", check=False).returncode != 0
     assert release.kubectl("get", "validatingadmissionpolicy", f"{release.name}-mikrom-worker-own-node",
                            check=False).returncode != 0
     # the pre-delete hook removed the default IPPool while the operator could still release it
     assert release.kubectl("get", "ippool", "default", check=False).returncode != 0
     assert release.kubectl("get", "crd", "microvms.mikrom.io", check=False).returncode == 0, "CRDs stay"
-    assert not _vmm_pids(release.state)
+    assert not vmm_pids(release.state)

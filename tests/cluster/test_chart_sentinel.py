@@ -1,17 +1,20 @@
 """The chart's Redis with Sentinel on the real cluster: three Redis pods, each with its Sentinel,
 pod 0 the first master; every component on `sentinel://` URLs with the master's name; and after
 the master's pod is deleted, the Sentinels elect a replica, the returning pod joins as a replica
-of the new master, and the worker still answers `celery inspect ping` through the Sentinels.
+of the new master, and the worker still answers `celery inspect ping` through the Sentinels; then
+`helm uninstall` leaves no pod well within the worker's grace period.
 
-Needs a Redis image in the cluster (`cluster.images["redis"]`, Debian's redis-server: the chart's
-default is docker.io/library/redis, which a cluster without a registry cannot pull).
+Redis is hack/images.sh's image (Debian's redis-server; the chart's default, docker.io/library/redis,
+needs a registry), its password from a Secret the test made (`redis.auth.existingSecret`).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -22,6 +25,9 @@ from harness.waits import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mikrom"
+GRACE_SECONDS = yaml.safe_load((CHART / "values.yaml").read_text())["worker"]["terminationGracePeriodSeconds"]
+UNINSTALL_BOUND = 90
+"""Seconds from `helm uninstall` to no pod left (see test_chart_install.py)."""
 
 
 def _ref(image: dict) -> tuple[str, str]:
@@ -31,11 +37,10 @@ def _ref(image: dict) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def sentinel_release(cluster, tmp_path_factory):
-    if "redis" not in cluster.images:
-        pytest.skip("the cluster has no Redis image (hack/images.sh builds none yet)")
     name = "st" + uuid.uuid4().hex[:6]
     namespace = f"{name}-system"
-    values = {"images": {}, "redis": {"sentinel": {"enabled": True}, "persistence": {"enabled": False}},
+    values = {"images": {}, "redis": {"sentinel": {"enabled": True}, "persistence": {"enabled": False},
+                                      "auth": {"existingSecret": "broker", "existingSecretPasswordKey": "password"}},
               "operator": {"replicas": 1}, "beat": {"enabled": False}, "flower": {"enabled": False},
               "ipPool": {"create": False}, "worker": {"admissionPolicy": {"enabled": False}}}
     # a short failover: the test waits for it
@@ -60,6 +65,11 @@ def sentinel_release(cluster, tmp_path_factory):
         return out
 
     cluster.kubectl("create", "namespace", namespace)
+    password = path.parent / "password"
+    password.write_text(secrets.token_hex(16))
+    password.chmod(0o600)
+    cluster.kubectl("create", "secret", "generic", "broker", "-n", namespace, f"--from-file=password={password}")
+    password.unlink()
     helm("install", name, str(CHART), "-n", namespace, "-f", str(path), "--wait", "--timeout", "10m")
     yield {"name": name, "namespace": namespace, "helm": helm}
     helm("uninstall", name, "-n", namespace, "--wait", "--timeout", "3m", check=False)
@@ -135,3 +145,17 @@ def test_after_the_masters_pod_goes_a_replica_takes_over_and_the_worker_still_an
     wait_for(lambda: _role(cluster, ns, old_master) == "slave", 90, "the returning pod to replicate the new master")
     wait_for(lambda: _master_by_sentinels(cluster, ns, old_master) == elected, 60, "its Sentinel to agree")
     wait_for(lambda: _worker_pings(cluster, ns), 180, "the worker to answer pings through the new master")
+
+
+def test_helm_uninstall_of_the_sentinel_release_leaves_no_pod_well_within_the_workers_grace_period(
+        cluster, sentinel_release):
+    ns, name = sentinel_release["namespace"], sentinel_release["name"]
+    t0 = time.monotonic()
+    sentinel_release["helm"]("uninstall", name, "-n", ns, "--wait", "--timeout", "3m")
+
+    def left() -> list[str]:
+        items = json.loads(cluster.kubectl("get", "pods", "-n", ns, "-o", "json").stdout)["items"]
+        return [p["metadata"]["name"] for p in items]
+    assert UNINSTALL_BOUND < GRACE_SECONDS / 3
+    wait_for(lambda: not left(), UNINSTALL_BOUND - (time.monotonic() - t0),
+             f"no pod left in {ns} {UNINSTALL_BOUND} s after helm uninstall (grace {GRACE_SECONDS} s)")
