@@ -207,13 +207,14 @@ def run(args, nodes: int, full: bool, workdir: Path) -> dict:
         minutes = elapsed / 60
         print(f"\n  churn: {len(churned)} VMs restarted every {args.churn_interval:.1f} s for {elapsed:.0f} s "
               f"({restarts} restarts each; {load()})")
-        print(f"    Event writes per VM per minute: max {worst / minutes:.1f}, mean "
-              f"{sum(per_vm_events.values()) / len(churned) / minutes:.1f} (operator budget: 20 per object per "
-              f"minute, plus the node's own Events; the fake node records none)")
+        budget = 20 * -(-elapsed // 60)  # the operator's budget: 20 per object in any 60 s
+        print(f"    Event writes per VM: max {worst}, mean {sum(per_vm_events.values()) / len(churned):.1f} in "
+              f"{elapsed:.0f} s ({worst / minutes:.1f} per minute; the operator's budget allows {budget:.0f} in "
+              f"that time: 20 per object in any 60 s; the fake node records none of its own)")
         print(f"    MicroVM status writes (all writers): {status_writes / len(churned) / minutes:.1f} per VM per "
               f"minute, {status_writes / len(churned) / max(restarts, 1):.1f} per restart requested")
         print_rates(r, "during the churn")
-        result["churn"] = {"events_max_per_min": worst / minutes,
+        result["churn"] = {"events_max_per_min": worst / minutes, "events_max": worst, "budget": budget,
                            "status_per_restart": status_writes / len(churned) / max(restarts, 1)}
         wait_for(lambda: phases(api).get("Running", 0) == args.vms, args.timeout, "every VM Running again",
                  interval=2)
@@ -317,7 +318,7 @@ def main() -> int:
     if "churn" in last:
         print(f"  churn: at most {last['churn']['events_max_per_min']:.1f} Event writes per VM per minute; "
               f"{last['churn']['status_per_restart']:.1f} status writes per restart requested")
-        ok = ok and last["churn"]["events_max_per_min"] <= 20
+        ok = ok and last["churn"]["events_max"] <= last["churn"]["budget"]
     ok = ok and not any(r.get("tracebacks") for r in results)
     print(f"  targets {'met' if ok else 'NOT all met'}")
     return 0 if ok else 1
