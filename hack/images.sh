@@ -18,7 +18,7 @@
 # Writes $CACHE/images.json, {"pause": {"ref": ..., "archive": ..., "id": ...}, "operator": ...,
 # "worker": ..., "redis": ...}, and prints its path. Logs go to stderr.
 #
-# Honoured: MIKROM_IMAGE_CACHE (default ~/.cache/mikrom/oci), MIKROM_DEBIAN_MIRROR and
+# Honoured: MIKROM_OCI_CACHE (default ~/.cache/mikrom/oci), MIKROM_DEBIAN_MIRROR and
 # MIKROM_DEBIAN_SECURITY_MIRROR (default: what this machine's apt uses), MIKROM_FIRECRACKER_VERSION
 # with MIKROM_FIRECRACKER_SHA256 (and optionally MIKROM_FIRECRACKER_URL) to add Firecracker and
 # its jailer to the worker, STORAGE_DRIVER (buildah's; see below).
@@ -29,7 +29,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 HERE="$REPO/hack/images"
-CACHE=${MIKROM_IMAGE_CACHE:-$HOME/.cache/mikrom/oci}
+CACHE=${MIKROM_OCI_CACHE:-$HOME/.cache/mikrom/oci}
 WORK="$CACHE/work"
 SUITE=bookworm
 FIRECRACKER_VERSION=${MIKROM_FIRECRACKER_VERSION:-}
