@@ -28,6 +28,32 @@ class Outcomes:
         return None
 
 
+def in_os_thread(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` as a step that runs in a real OS thread under gevent (gevent's thread pool), for work
+    made of blocking system calls and no subprocess (scanning /proc, creating cgroups): those
+    calls release the GIL, so the event loop and the other steps go on meanwhile instead of
+    waiting for each call. Without gevent it is `fn` itself (steps are threads already)."""
+    def call():
+        try:
+            from gevent import get_hub, monkey
+        except ImportError:
+            return fn()
+        if not monkey.is_module_patched("threading"):
+            return fn()
+        ok, value = get_hub().threadpool.apply(contextvars.copy_context().run, (_captured, fn))
+        if ok:
+            return value
+        raise value  # here, in the step's own greenlet (the pool would print it as a crash)
+    return call
+
+
+def _captured(fn: Callable[[], object]) -> tuple[bool, object]:
+    try:
+        return True, fn()
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+        return False, exc
+
+
 def run(**steps: Callable[[], object]) -> Outcomes:
     """Run every step (keyword: name, value: a callable without arguments) concurrently; the last
     one runs in the caller's own thread or greenlet. Returns each step's result or exception."""

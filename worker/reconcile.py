@@ -209,8 +209,8 @@ class Reconciler:
                                                      guard=True, defer_events=deferred)}
         if spec.get("network"):
             steps["network"] = lambda: self._network(vm, local, vmm_name)
-        steps["vmm"] = lambda: self.runtime.prepare_vmm(vmm_name, local, int(spec.get("vcpus", 1)),
-                                                        int(spec.get("memoryMiB", 512)))
+        steps["vmm"] = concurrently.in_os_thread(lambda: self.runtime.prepare_vmm(
+            vmm_name, local, int(spec.get("vcpus", 1)), int(spec.get("memoryMiB", 512))))
         steps["images"] = lambda: self._images(spec, local)
         out = concurrently.run(**steps)
         timing.mark("prepared")

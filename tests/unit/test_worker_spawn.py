@@ -79,3 +79,48 @@ def test_steps_run_at_the_same_time_and_all_end_before_run_returns():
     assert isinstance(out.errors["b"], ValueError)
     assert out.first_error("c", "a") is out.errors["b"]
     assert concurrently.run(x=lambda: 1).first_error() is None
+
+
+UNDER_GEVENT = r"""
+from gevent import monkey; monkey.patch_all()
+import subprocess, sys, threading, gevent
+from mikrom.worker import concurrently, spawn
+
+for i in range(30):  # alone, before gevent ever forked: nothing else wakes the event loop
+    r = spawn.run(["echo", "alone"], timeout=5)
+    assert (r.returncode, r.stdout) == (0, "alone\n"), r
+bad = []
+def commands():
+    for i in range(10):
+        try:
+            r = spawn.run(["sh", "-c", "echo out; exit 4"], timeout=5)
+            assert (r.returncode, r.stdout) == (4, "out\n"), r
+            r = spawn.run(["echo", "x"], timeout=5)
+            assert (r.returncode, r.stdout) == (0, "x\n"), r
+            r = spawn.run(["cat"], timeout=5, input="y" * 100000)
+            assert r.stdout == "y" * 100000
+            if i % 3 == 0:  # gevent's own subprocess meanwhile (after the first commands: they must
+                subprocess.run(["true"], check=True)  # work before gevent ever forked)
+        except BaseException as exc:
+            bad.append(repr(exc))
+            return
+gevent.joinall([gevent.spawn(commands) for _ in range(6)], timeout=60)
+assert not bad, bad
+
+hub_thread = threading.get_ident()
+def elsewhere():
+    return threading.get_ident()
+def fails():
+    raise ValueError("in the thread")
+out = concurrently.run(a=concurrently.in_os_thread(elsewhere), b=concurrently.in_os_thread(fails))
+assert out.results["a"] != hub_thread, "a real OS thread"
+assert isinstance(out.errors["b"], ValueError)
+print("ok")
+"""
+
+
+def test_under_gevent_commands_from_many_greenlets_return_their_status_and_output_and_os_thread_steps_work():
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", UNDER_GEVENT], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
