@@ -257,6 +257,25 @@ def write_atomic(path: Path, text: str) -> None:
     consolecap.write_atomic(str(path), text)
 
 
+def write_replaced(path: Path, text: str) -> None:
+    """Like write_atomic (readers see the old file or the new one), but without the fsync, which
+    `sync_file` does later, off a start's critical path."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sync_file(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -444,7 +463,9 @@ class Driver:
             # The VMM writes its disk (and a jail hands it to the VM's uid): never a shared image.
             raise VMMStartFailed(f"rootfs {spec.rootfs} is not the VM's own copy in {state}")
         state.mkdir(parents=True, exist_ok=True)
-        write_atomic(state / "vm.json", json.dumps(
+        # synced once the VMM runs: until then a crash loses nothing that the next start does not
+        # write again
+        write_replaced(state / "vm.json", json.dumps(
             {"driver": self.name, "driver_config": self.config(), "spec": spec.to_dict()}, indent=2))
         for stale in ("pid", "run.json", "ready", "exit.json"):
             (state / stale).unlink(missing_ok=True)
@@ -464,6 +485,7 @@ class Driver:
         timing.mark("host_cgroup")
         pid = launch_detached(plan, state, ["--max-bytes", str(self.console_max_bytes),
                                             "--ready-marker", self.ready_marker, *cgroup_args])
+        sync_file(state / "vm.json")
         try:
             self._configure(spec, pid)
         except BaseException as exc:
