@@ -4,8 +4,8 @@ recorded (time, method, path, query, body) before it goes on to the real kube-ap
 For tests that count what a component asks of the API server (a create reads its MicroVM once).
 It listens on loopback only, speaks plain HTTP to the client (who still sends its bearer token,
 checked by the API server as usual) and verifies the API server's certificate with the cluster's
-CA. Responses are read whole and passed back with their status and headers, so it suits plain
-requests, not watches (none of the worker's requests is one).
+CA. Responses are passed back with their status and headers, a stream (a watch) piece by piece
+as it comes.
 """
 
 from __future__ import annotations
@@ -68,11 +68,10 @@ class CountingProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"host"}}
                 for attempt in (1, 2):
                     if self.upstream is None:
-                        self.upstream = http.client.HTTPSConnection(*proxy.target, context=proxy.ssl, timeout=60)
+                        self.upstream = http.client.HTTPSConnection(*proxy.target, context=proxy.ssl, timeout=600)
                     try:
                         self.upstream.request(self.command, self.path, body=body or None, headers=headers)
                         resp = self.upstream.getresponse()
-                        data = resp.read()
                         break
                     except (OSError, http.client.HTTPException):
                         self.upstream.close()
@@ -84,9 +83,21 @@ class CountingProxy:
                 for key, value in resp.getheaders():
                     if key.lower() not in HOP_BY_HOP:
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                if resp.getheader("Content-Length") is not None:
+                    data = resp.read()
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                # a stream (a watch): passed on piece by piece as it comes
+                self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                self.wfile.write(data)
+                while True:
+                    piece = resp.read1(65536)
+                    if not piece:
+                        break
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
