@@ -2,9 +2,10 @@
 
 - index handlers feed `state` (so no other handler runs before the initial listing is complete);
 - MicroVM: the raw-event handler places a new VM and sends its create in the first cycle that
-  sees it; create/update/resume and a timer reconcile it (`vms`, which asks `decide`); a delete
+  sees it; create/update/resume reconcile it (`vms`, which asks `decide`), and so does the
+  periodic sweep over the operator's view (`sweep`) while its decision can change with time; a delete
   handler holds the finalizer until the node confirms (`vms.finalize`);
-- MicroVMNode: a timer checks the heartbeat and the counts (`nodes`);
+- MicroVMNode: a timer checks the heartbeat and the counts (`nodes`), and drives the sweep;
 - Node (core): a cordon keeps new VMs off the MicroVMNode of the same name (`cordons`);
 - IPPool: a timer keeps the pool's status current (`pools`);
 - watch events for deletions and capacity changes wake the placement sweep (`scheduler`).
@@ -21,7 +22,7 @@ import kopf
 
 from mikrom import metrics, names
 
-from . import apisession, cordons, nodes, pools, scheduler, startup, vms
+from . import apisession, cordons, nodes, pools, scheduler, startup, sweep, vms
 from .collector import OperatorCollector
 from .dispatch import NOTES, DispatchRetry
 from .state import SETTINGS, STATE
@@ -64,8 +65,8 @@ def _sweep() -> None:
         try:
             vms.reconcile(vm, cause="capacity")
         except DispatchRetry:
-            pass  # recorded; the VM's timer retries the send
-        except Exception as exc:  # noqa: BLE001 - one VM must not stop the sweep; its timer retries
+            pass  # recorded; the periodic sweep retries the send when its backoff is over
+        except Exception as exc:  # noqa: BLE001 - one VM must not stop the sweep; the periodic sweep retries
             log.warning("placement of %s/%s failed: %s", vm["metadata"].get("namespace"),
                         vm["metadata"].get("name"), exc)
 
@@ -128,7 +129,7 @@ def _place_now(body: dict) -> None:
     try:
         vms.reconcile(body, cause="event")
     except DispatchRetry:
-        pass  # recorded with its backoff; the create handler or the timer retries
+        pass  # recorded with its backoff; the create handler or the periodic sweep retries
     except Exception as exc:  # noqa: BLE001 - kopf ignores raw-event errors; the create handler retries
         log.warning("placement of %s/%s failed: %s", body["metadata"].get("namespace"), body["metadata"].get("name"),
                     exc)
@@ -193,15 +194,6 @@ def microvm_resume(body, **_):
     _reconcile(body, "resume")
 
 
-@kopf.timer(*VMS, interval=SETTINGS.reconcile_interval_seconds, initial_delay=SETTINGS.reconcile_interval_seconds)
-def microvm_timer(body, **_):
-    STATE.touch("vm", body["metadata"]["uid"])
-    try:
-        vms.reconcile(dict(body), cause="timer")
-    except DispatchRetry:
-        pass  # the failure is recorded with its backoff; the next tick retries when it is due
-
-
 @kopf.on.delete(*VMS)
 def microvm_delete(body, retry, **_):
     try:
@@ -216,7 +208,12 @@ def microvm_delete(body, retry, **_):
 
 @kopf.timer(*NODES, interval=nodes.check_interval())
 def microvmnode_timer(body, **_):
-    nodes.reconcile(dict(body))
+    # No timer per MicroVM: kopf would keep each one's latest body and a task per VM. The node
+    # checks drive one sweep over the operator's view instead, paused with them by peering.
+    try:
+        nodes.reconcile(dict(body))
+    finally:
+        sweep.SWEEP.tick()
 
 
 @kopf.timer(*POOLS, interval=SETTINGS.reconcile_interval_seconds)

@@ -18,7 +18,7 @@ import time
 
 from mikrom import conditions, kube, names
 
-from . import cordons, vms
+from . import cordons, sweep, vms
 from .heartbeats import BEATS
 from .health import UNREACHABLE_EXEMPT, health, status_patch
 from .state import SETTINGS, STATE
@@ -137,6 +137,7 @@ def _maybe_prune() -> None:
     if now - _last_prune[0] < 30:
         return
     _last_prune[0] = now
-    stale = STATE.prune(max(120.0, 10 * SETTINGS.reconcile_interval_seconds))
+    period = max(120.0, 10 * SETTINGS.reconcile_interval_seconds)
+    stale = STATE.prune(period) + sweep.maybe_prune_vms(period)
     if stale:
         log.info("forgot %d objects no longer served: %s", len(stale), ", ".join(stale[:10]))

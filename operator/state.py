@@ -130,7 +130,6 @@ class State:
         with self._lock:
             if uid in self._gone:  # a late write's answer must not bring a deleted VM back
                 return _vm_copy(body)
-            self._seen[("vm", uid)] = time.monotonic()
             known = self._vms.get(uid)
             if known is not None and _rv(known) >= _rv(body):
                 return known
@@ -175,7 +174,6 @@ class State:
             for d in (self._delivered, self._failures, self._progress, self._vm_locks):
                 d.pop(uid, None)
             self._taken_up.discard(uid)
-            self._seen.pop(("vm", uid), None)
         if (known is not None and placement.holds(known)) or held:
             self.wake()
 
@@ -213,14 +211,15 @@ class State:
             self._seen.pop(("pool", name), None)
 
     def touch(self, kind: str, key: str) -> None:
-        """Note that kopf still knows the object (its timer ran, or an event arrived)."""
+        """Note that kopf still knows the MicroVMNode or IPPool (its timer ran)."""
         with self._lock:
             self._seen[(kind, key)] = time.monotonic()
 
     def prune(self, max_age: float) -> list[str]:
-        """Forget objects nobody has touched for `max_age` seconds. A replica that was paused by
-        peering and resumed re-lists everything but hears nothing of objects deleted meanwhile;
-        without this they would hold node capacity forever."""
+        """Forget MicroVMNodes and IPPools nobody has touched for `max_age` seconds. A replica that
+        was paused by peering and resumed re-lists everything but hears nothing of objects deleted
+        meanwhile; without this they would hold node capacity forever. (MicroVMs have no timer to
+        touch them: `prune_vms` compares them with a LIST.)"""
         cutoff = time.monotonic() - max_age
         with self._lock:
             stale = [k for k, t in self._seen.items() if t < cutoff]
@@ -232,6 +231,16 @@ class State:
             else:
                 {"node": self.forget_node, "pool": self.forget_pool}[kind](key)
         return [f"{kind}/{key}" for kind, key in stale]
+
+    def prune_vms(self, listed: set[str], version: int) -> list[str]:
+        """Forget the VMs missing from a LIST (`listed`: its uids, `version`: its resourceVersion)
+        that are not newer than it: deleted while their DELETED event was missed (a watch down, a
+        replica paused by peering), they would otherwise hold node capacity forever."""
+        with self._lock:
+            stale = [uid for uid, vm in self._vms.items() if uid not in listed and _rv(vm) <= version]
+        for uid in stale:
+            self.forget_vm(uid, deleted=False)
+        return [f"vm/{uid}" for uid in stale]
 
     def wake(self) -> None:
         if self.waker is not None:
