@@ -235,6 +235,12 @@ class Settings:
     """Memory a VM's group allows beyond the guest's: the VMM's own (QEMU's device models and,
     under TCG, its translation cache; Firecracker needs under 5 MiB) and the supervisor's."""
 
+    # worker: a create that arrives before its placement is recorded (docs/protocol.md, Dispatch)
+    placement_wait_seconds: float = 10.0
+    """How long a create on this node's queue whose MicroVM names no node yet waits (watching that
+    one object) for `status.node`: the operator sends the create just before writing the
+    placement. This node → acted on; another node, none by then, or the object gone → dropped."""
+
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
         env = os.environ if env is None else env

@@ -11,7 +11,8 @@ operator owns lives here, in this order:
 - being deleted: Deleting + `delete_vm_task`, the finalizer held until `status.cleanedUpAt`, or
   released after `deleteWaitSeconds` when the node is lost or `mikrom.io/force-delete` is set;
 - no node: Failed/InvalidSpec, Pending/Unschedulable, or placed (Scheduled, `status.node`, the
-  create dispatch) in one write;
+  create dispatch) in one write, whose create message `vms` sends just before it; decided again
+  after that write failed, the placement and the record are those of the message already sent;
 - node lost: Unknown with NodeReachable=False, or past self-fence + margin taken off the node
   (Pending, Rescheduling) to be placed again at once;
 - node Ready: NodeReachable and RestartRequired kept current, then the dispatch: a failed send
@@ -68,6 +69,17 @@ class ClusterView:
     """When the VM's phase last changed, as observed."""
     retry: int = 0
     """How many times kopf has asked again for this deletion."""
+    sent: Sent | None = None
+    """The create this process already sent for the VM, whose placement write has not landed yet."""
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A create sent before its placement was recorded (docs/protocol.md, Dispatch): a decision
+    again (after a 409 Conflict) writes this node and this dispatch record, and sends nothing."""
+
+    node: str
+    record: Mapping
 
 
 @dataclass(frozen=True)
@@ -193,7 +205,9 @@ def schedule(vm: Mapping, view: ClusterView, now: float) -> Decision:
     if problems:
         return _waiting(vm, Phase.FAILED, names.INVALID_SPEC, validation.describe(problems), now)
     req = placement.request_of(spec)
-    if view.reserved is not None:
+    if view.sent is not None:
+        choice = placement.Choice(view.sent.node, f"assigned to MicroVMNode {view.sent.node}")
+    elif view.reserved is not None:
         choice = placement.Choice(view.reserved, f"assigned to MicroVMNode {view.reserved}")
     else:
         choice = placement.choose(req, view.node_views)
@@ -204,10 +218,14 @@ def schedule(vm: Mapping, view: ClusterView, now: float) -> Decision:
     _set_cond(st, patch, names.SCHEDULED, True, names.PLACED, choice.message, now, meta_generation(vm))
     record, message = _dispatch(vm, Intent.CREATE, lifecycle.key_for(vm, Intent.CREATE), 1, now, "new",
                                 because=f"assigned to MicroVMNode {node}", reason=names.SCHEDULED)
+    held = Placement(node, req.vcpus, req.memory_mib, carve_pool=req.pool if choice.needs_block else None)
+    if view.sent is not None:
+        # the message went before this write: record what it carried, send nothing again (a send
+        # that failed is resent by `follow` once the write landed, after its backoff)
+        patch["dispatch"] = dict(view.sent.record)
+        return Decision(status_patch=patch, placement=held)
     patch["dispatch"] = record
-    return Decision(status_patch=patch, messages=(message,),
-                    placement=Placement(node, req.vcpus, req.memory_mib,
-                                        carve_pool=req.pool if choice.needs_block else None))
+    return Decision(status_patch=patch, messages=(message,), placement=held)
 
 
 def meta_generation(vm: Mapping) -> int | None:

@@ -3,8 +3,9 @@
 A dispatch is first recorded in `status.dispatch` = {intent, attempts, sentAt, taskId, key} (the
 status write of `vms.reconcile`, decided by `decide`), then sent, in the same handler call, as
 `app.send_task(name, kwargs=VMRef, queue="mikrom.node.<node>")` would send it (`send`): the
-message carries a reference and an intent, never the spec. Every send is logged first as one JSON
-line with the message "dispatch" and the fields vm_uid, vm, intent, task, task_id, node, attempt,
+message carries a reference and an intent, never the spec (a new VM's create alone is sent just
+before it is recorded, with its placement: `vms`, docs/protocol.md). Every send is logged first as
+one JSON line with the message "dispatch" and the fields vm_uid, vm, intent, task, task_id, node, attempt,
 sent_at, why and redispatch, so the messages of one VM can be counted against the log. A failed
 send (Redis unreachable) is kept in memory and retried with backoff; an Event says why; the object
 stays as it was recorded. While Redis has just failed, sends fail at once instead of each waiting

@@ -4,10 +4,14 @@ handed to `dispatch.note`, which records them in the background once no dispatch
 
 Level-triggered and safe to run twice: the decision comes from the object as last seen (the newest
 of kopf's body and `state`) and the view in `state`. A 409 Conflict reads the object again and
-decides again, so a write never lands on a version it was not computed from. The message is
-sent right after the write succeeds, in the same call: no watch round trip comes between them,
-and nothing else either (the finalizer is kopf's own patch, after the handler returned; see
-docs/protocol.md, Dispatch).
+decides again, so a write never lands on a version it was not computed from. A message is sent
+right after its write succeeds, in the same call: no watch round trip comes between them, and
+nothing else either (the finalizer is kopf's own patch, after the handler returned).
+
+A new VM's create is the exception: it is sent just before its placement write, since its node's
+worker acts on it only once `status.node` names that node (it waits for the write). What was sent
+is remembered here (`SENT`) until the write lands, so a decision again after a 409 writes the same
+node and dispatch record and sends nothing; see docs/protocol.md, Dispatch.
 kopf's handlers, the node checks and the placement sweep all call `reconcile`; a per-VM lock
 keeps them apart.
 """
@@ -16,13 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
+from dataclasses import replace
 
 from mikrom import metrics
+from mikrom.names import Intent
 
 from . import dispatch, placement, scheduler
 from .heartbeats import BEATS
-from .decide import ClusterView, Decision, decide
+from .decide import ClusterView, Decision, Sent, decide
 from .dispatch import DispatchRetry
 from .state import SETTINGS, STATE
 from .status import Conflict, reread_vm, write_vm
@@ -30,6 +37,30 @@ from .status import Conflict, reread_vm, write_vm
 log = logging.getLogger(__name__)
 
 WRITE_ATTEMPTS = 8
+
+
+class SentCreates:
+    """uid -> the create sent for a VM whose placement write has not landed yet (thread-safe; each
+    uid is touched under its VM lock). Forgotten once a write landed, or the object is gone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent: dict[str, Sent] = {}
+
+    def get(self, uid: str) -> Sent | None:
+        with self._lock:
+            return self._sent.get(uid)
+
+    def remember(self, uid: str, sent: Sent) -> None:
+        with self._lock:
+            self._sent[uid] = sent
+
+    def forget(self, uid: str) -> None:
+        with self._lock:
+            self._sent.pop(uid, None)
+
+
+SENT = SentCreates()
 
 
 def _view(vm: dict, retry: int, with_placement: bool) -> ClusterView:
@@ -48,6 +79,7 @@ def _view(vm: dict, retry: int, with_placement: bool) -> ClusterView:
         retry_in=max(0.0, failure.next_try - time.monotonic()) if failure else 0.0,
         progress_at=STATE.progress_at(uid),
         retry=retry,
+        sent=SENT.get(uid),
     )
 
 
@@ -83,7 +115,7 @@ def _carry_out(vm: dict, retry: int) -> tuple[Decision, dict | None]:
     """Decide, write, send. While a decision with messages is between its write and its send it
     counts as in flight (`dispatch.IN_FLIGHT`): the Events wait for it."""
     with contextlib.ExitStack() as flight:
-        decision, written = _write(vm, retry, flight)
+        decision, written, failed_send = _write(vm, retry, flight)
         if written is None:
             return decision, None
         uid = written["metadata"]["uid"]
@@ -92,6 +124,8 @@ def _carry_out(vm: dict, retry: int) -> tuple[Decision, dict | None]:
         if decision.metric == "reschedule":
             metrics.RESCHEDULES.inc()
         try:
+            if failed_send is not None:
+                raise failed_send  # a create sent before its write failed; the write recorded it
             for msg in decision.messages:
                 dispatch.deliver(written, msg)
         except DispatchRetry:
@@ -106,35 +140,74 @@ def _carry_out(vm: dict, retry: int) -> tuple[Decision, dict | None]:
     return decision, written
 
 
-def _write(vm: dict, retry: int, flight: contextlib.ExitStack) -> tuple[Decision, dict | None]:
-    """The decision on the newest version of `vm` and the object as its status patch left it
-    (None: gone or replaced); a 409 Conflict reads the object again and decides again."""
-    uid, in_flight = vm["metadata"]["uid"], False
+def _sends_first(vm: dict, decision: Decision) -> bool:
+    """A fresh placement of a VM without a node: its create goes before its write."""
+    return (not (vm.get("status") or {}).get("node") and decision.placement is not None
+            and bool(decision.messages) and all(m.intent is Intent.CREATE for m in decision.messages))
+
+
+def _send_first(vm: dict, decision: Decision) -> tuple[Decision, DispatchRetry | None]:
+    """Send the create of a fresh placement, remember it (whether or not the broker took it: a
+    failed send is resent with the same taskId once recorded) and return the decision left to write."""
+    uid, node = vm["metadata"]["uid"], decision.placement.node
+    body = {**vm, "status": {**(vm.get("status") or {}), "node": node}}
+    SENT.remember(uid, Sent(node, dict(decision.status_patch["dispatch"])))
+    failed = None
+    try:
+        for msg in decision.messages:
+            dispatch.deliver(body, msg)
+    except DispatchRetry as exc:
+        failed = exc
+    return replace(decision, messages=()), failed
+
+
+def _write(vm: dict, retry: int, flight: contextlib.ExitStack) -> tuple[Decision, dict | None, DispatchRetry | None]:
+    """The decision on the newest version of `vm`, the object as its status patch left it (None:
+    gone or replaced) and the failed send of a create sent before the write; a 409 Conflict reads
+    the object again and decides again (a create already sent is not sent again: `SENT`)."""
+    uid, in_flight, failed_send = vm["metadata"]["uid"], False, None
     for _ in range(WRITE_ATTEMPTS):
         decision = _decide(vm, retry)
         if not decision.status_patch:
-            return decision, vm
+            SENT.forget(uid)
+            return decision, vm, failed_send
         if decision.messages and not in_flight:
             in_flight = bool(flight.enter_context(dispatch.IN_FLIGHT))
+        if _sends_first(vm, decision):
+            decision, failed_send = _send_first(vm, decision)
         try:
             written = write_vm(vm, dict(decision.status_patch))
         except Conflict:
             written = reread_vm(vm)
             if written is None:
-                STATE.release(uid)
-                return Decision(), None
+                _gone(uid)
+                return Decision(), None, None
             vm = written
             continue
         except BaseException:
-            if decision.placement is not None:
+            # a create already sent keeps its node held: the next decision records it
+            if decision.placement is not None and SENT.get(uid) is None:
                 STATE.release(uid)
             raise
         if written is None:  # gone or replaced
-            STATE.release(uid)
-            return Decision(), None
-        return decision, written
+            _gone(uid)
+            return Decision(), None, None
+        SENT.forget(uid)
+        return decision, written, failed_send
     raise RuntimeError(f"{vm['metadata']['namespace']}/{vm['metadata']['name']}: status kept changing under "
                        f"{WRITE_ATTEMPTS} writes")
+
+
+def _gone(uid: str) -> None:
+    """The object went (or a namesake replaced it): what it held goes, and what was sent for it is
+    left to the worker, which drops a create whose object never names its node."""
+    SENT.forget(uid)
+    STATE.release(uid)
+
+
+def forget(uid: str) -> None:
+    """The VM was deleted (its watch event)."""
+    SENT.forget(uid)
 
 
 def finalize(body: dict, retry: int = 0) -> Decision:

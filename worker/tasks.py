@@ -27,7 +27,7 @@ from mikrom import kube, metrics, names
 from mikrom.celery_app import app
 from mikrom.models import VMRef
 
-from . import context, errors, maintenance, messages, timing
+from . import context, errors, maintenance, messages, placement_wait, timing
 from .collector import WorkerCollector
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,11 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
             app.send_task(task.name, kwargs=ref.model_dump(mode="json"), queue=names.node_queue(target))
             log.info("%s for %s/%s forwarded to %s", task.name, ref.namespace, ref.name, names.node_queue(target))
             return {"outcome": f"forwarded to {target}", "uid": ref.uid}
+        if intent is names.Intent.CREATE and not placement_wait.node_of(vm):
+            vm, why = _placed_here(ctx, vm)
+            if why:
+                log.warning("%s for %s/%s (uid %r) dropped: %s", task.name, ref.namespace, ref.name, ref.uid, why)
+                return {"outcome": f"dropped: {why}", "uid": ref.uid}
         # the uid is this object's; should the object go while we wait for the lock, it is gone for
         # good (a uid never returns) and the reconciler may remove what the node holds for it. The
         # object just read is the reconciler's too (one GET per message): its first status write
@@ -104,6 +109,23 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
     finally:
         timing.done(token)
     return {"outcome": outcome, "node": ctx.node, "uid": ref.uid, "intent": ref.intent}
+
+
+def _placed_here(ctx, vm: dict) -> tuple[dict | None, str]:
+    """A create on this node's queue whose MicroVM names no node yet: the operator sends it just
+    before it records the placement, so wait for that (never acting before). The object naming this
+    node, or why the message is dropped."""
+    wait = ctx.settings.placement_wait_seconds
+    placed = placement_wait.wait_for_node(vm, wait)
+    timing.mark("placed")
+    node = placement_wait.node_of(placed)
+    if placed is None:
+        return None, "the MicroVM went while waiting for its placement"
+    if not node:
+        return None, f"no node recorded for it within placementWaitSeconds ({wait:g}s)"
+    if node != ctx.node:
+        return None, f"placed on another node ({node})"
+    return placed, ""
 
 
 def _recorded(ctx, uid: str) -> dict:

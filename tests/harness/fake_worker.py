@@ -6,7 +6,9 @@ registers MicroVMNodes and renews their heartbeats; consumes its nodes' queues w
 reads the real Celery message format (task name in the headers, `(args, kwargs, embed)` as the JSON
 body); re-reads each MicroVM and patches its status (Provisioning, Running with an address from the
 node's block, Stopping, Stopped, restartedAt, cleanedUpAt). It boots nothing. Every message it
-takes is recorded, so tests can count them. A node can stop heartbeating or stop answering.
+takes is recorded, so tests can count them. A node can stop heartbeating or stop answering. A
+create that arrives before its placement is recorded waits for `status.node`, as the real worker's
+(`PLACEMENT_WAIT` seconds; docs/protocol.md, Dispatch).
 
 Its status sync: by default each heartbeat re-reads the VMs a node runs (cheap for a test's few).
 With `sync_seconds`, each node instead runs the real worker's selection every `sync_seconds`
@@ -36,10 +38,12 @@ from mikrom import conditions, names
 from mikrom.worker import maintenance
 
 from .microvms import MicroVMClient
+from .waits import WaitTimeout, wait_for
 
 log = logging.getLogger(__name__)
 T = (5, 30)  # connect, read timeout of every API call
 G, V = names.GROUP, names.VERSION
+PLACEMENT_WAIT = 10.0
 
 
 @dataclass
@@ -241,12 +245,15 @@ class FakeWorker:
 
     def _act(self, node: FakeNode, m: Message) -> None:
         try:
-            self._make_it_so(node, m.kwargs["namespace"], m.kwargs["name"], m.kwargs["uid"])
+            self._make_it_so(node, m.kwargs["namespace"], m.kwargs["name"], m.kwargs["uid"],
+                             placement_wait=m.task == names.CREATE_VM)
         except Exception:  # noqa: BLE001
             log.exception("fake worker failed on %s", m.kwargs)
 
-    def _make_it_so(self, node: FakeNode, ns: str, name: str, uid: str) -> None:
+    def _make_it_so(self, node: FakeNode, ns: str, name: str, uid: str, placement_wait: bool = False) -> None:
         vm = self._get(ns, name)
+        if placement_wait and vm is not None and vm["metadata"]["uid"] == uid and not (vm.get("status") or {}).get("node"):
+            vm = self._placed(ns, name, uid)
         if vm is None or vm["metadata"]["uid"] != uid or (vm.get("status") or {}).get("node") != node.name:
             node.running.pop(uid, None)
             return
@@ -283,6 +290,18 @@ class FakeWorker:
             "observedGeneration": cur["metadata"].get("generation"),
             **({"restartedAt": annotation} if annotation else {}),
             "conditions": self._ready(cur, True, "Booted")})
+
+    def _placed(self, ns: str, name: str, uid: str) -> dict | None:
+        """The MicroVM once it names a node (or is gone), else as it is after `PLACEMENT_WAIT`."""
+        def seen() -> tuple | None:
+            vm = self._get(ns, name)
+            gone = vm is None or vm["metadata"]["uid"] != uid
+            return (vm,) if gone or (vm.get("status") or {}).get("node") else None
+
+        try:
+            return wait_for(seen, PLACEMENT_WAIT, f"{ns}/{name} to be placed", interval=0.05)[0]
+        except WaitTimeout:
+            return self._get(ns, name)
 
     @staticmethod
     def _ready(vm: dict, ready: bool, reason: str) -> list[dict]:

@@ -8,8 +8,10 @@ import json
 import subprocess
 from pathlib import Path
 
+import kubernetes
 import redis
 import yaml
+from harness import operator_proc
 from harness.fake_worker import message_has_no_spec
 from harness.procs import holds_for, wait_for
 from harness.scrape import scrape
@@ -155,3 +157,82 @@ def test_a_new_vms_message_follows_its_status_write_and_kopf_adds_the_finalizer_
     with redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5) as r:
         assert r.pubsub_numsub(f"celery-task-meta-{task_id}") == [(f"celery-task-meta-{task_id}".encode(), 0)]
     assert [m.task for m in worker.messages(uid=uid)] == [names.CREATE_VM]
+
+
+def _hold_placements(mikrom_cluster, namespace: str, name: str) -> str:
+    """An admission policy refusing, in `namespace`, every status write that sets `status.node`:
+    the operator's placement write fails for as long as it is bound."""
+    policy = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+              "metadata": {"name": name},
+              "spec": {"failurePolicy": "Fail",
+                       "matchConstraints": {"resourceRules": [{"apiGroups": [names.GROUP], "apiVersions": ["*"],
+                                                               "operations": ["UPDATE"],
+                                                               "resources": ["microvms/status"]}]},
+                       "validations": [{"expression": "!has(object.status) || !has(object.status.node)",
+                                        "message": "placements held by the test"}]}}
+    binding = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+               "metadata": {"name": name},
+               "spec": {"policyName": name, "validationActions": ["Deny"],
+                        "matchResources": {"namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": namespace}}}}}
+    mikrom_cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([policy, binding]))
+    return name
+
+
+def _placement_refused(mvms, probe: str) -> bool:
+    """Whether a status write setting `status.node` on MicroVM `probe` is refused now (dry run)."""
+    try:
+        mvms.api.patch_namespaced_custom_object_status(names.GROUP, names.VERSION, mvms.ns, names.MICROVMS, probe,
+                                                       {"status": {"node": "nowhere"}}, dry_run="All",
+                                                       _request_timeout=30)
+    except kubernetes.client.ApiException as exc:
+        return "placements held by the test" in (exc.body or "")
+    return False
+
+
+def test_a_new_vms_create_is_sent_before_its_placement_is_recorded_and_not_again_when_the_write_fails(
+        mikrom_cluster, operator_kubeconfig, broker_url, namespace, worker, mvms, artifacts_dir):
+    # The operator's placement writes are refused (an admission policy) until the test lifts it:
+    # the create is on the node's queue while the object names no node, and the decisions again
+    # that follow the failed writes send nothing more; once writes pass, the placement recorded is
+    # the one the message went to, with its taskId. (Handler errors are expected here, so this
+    # operator is not the `operators` fixture's, which fails a test on any traceback.)
+    node = f"first-{mvms.label}"
+    worker.add_node(node, answering=False)
+    mvms.create("probe", nodeSelector={"nowhere": mvms.label})  # never placed: the policy's probe
+    policy = _hold_placements(mikrom_cluster, namespace, f"hold-{mvms.label}")
+    try:
+        wait_for(lambda: _placement_refused(mvms, "probe"), 30, "the admission policy to be in force")
+        op = operator_proc.start(mikrom_cluster, broker_url, artifacts_dir / "operators", f"{namespace}-sendfirst",
+                                 operator_kubeconfig, namespace=namespace)
+        try:
+            op.wait_live()
+            mvms.create("vm")
+            uid = mvms.uid("vm")
+            msg = wait_for(lambda: next(iter(worker.messages(uid=uid)), None), 15, "the create message")
+            assert not mvms.status("vm").get("node")  # sent, not recorded
+
+            def refused_writes() -> int:
+                return sum("placement of" in line and "placements held by the test" in line for line in op.lines())
+
+            # the failed write is decided again (a change to the object is a raw event, which places it)
+            wait_for(lambda: refused_writes() >= 1, 15, "the operator's placement write to be refused")
+            mvms.patch("vm", {"metadata": {"annotations": {"test.mikrom.io/nudge": "1"}}})
+            wait_for(lambda: refused_writes() >= 2, 15, "a decision again, its write refused too")
+            holds_for(lambda: len(worker.messages(uid=uid)) == 1 and not mvms.status("vm").get("node"), 2,
+                      "one message while the placement write keeps failing")
+            mikrom_cluster.kubectl("delete", "validatingadmissionpolicybinding", policy)
+            wait_for(lambda: not _placement_refused(mvms, "probe"), 30, "the admission policy to be lifted")
+            mvms.patch("vm", {"metadata": {"annotations": {"test.mikrom.io/nudge": "2"}}})
+            status = wait_for(lambda: (st := mvms.status("vm")).get("node") and st, 20, "the placement recorded")
+            assert status["node"] == node and status["dispatch"]["taskId"] == msg.headers["id"]
+            assert status["phase"] == "Scheduled"
+            holds_for(lambda: len(worker.messages(uid=uid)) == 1, 3, "still one message once recorded")
+            sent = [d for d in op.dispatches() if d["vm_uid"] == uid]
+            assert [(d["intent"], d["why"], d["task_id"]) for d in sent] == [("create", "new", msg.headers["id"])]
+        finally:
+            op.stop()
+    finally:
+        mikrom_cluster.kubectl("delete", "validatingadmissionpolicybinding", policy, "--ignore-not-found")
+        mikrom_cluster.kubectl("delete", "validatingadmissionpolicy", policy, "--ignore-not-found")
+        mvms.remove_all()

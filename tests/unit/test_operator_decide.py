@@ -14,7 +14,8 @@ import pytest
 from mikrom import conditions, names
 from mikrom.names import Intent, Phase
 from mikrom.operator import lifecycle
-from mikrom.operator.decide import DISK_RESET, DISK_RESET_REASON, RESCHEDULING_HELD, ClusterView, decide, rfc3339
+from mikrom.operator.decide import (DISK_RESET, DISK_RESET_REASON, RESCHEDULING_HELD, ClusterView, Sent, decide,
+                                   rfc3339)
 from mikrom.operator.placement import NodeView
 from mikrom.settings import Settings
 
@@ -140,6 +141,29 @@ def test_a_networked_vm_on_a_node_without_a_block_asks_for_one_carved():
 def test_a_vm_holding_a_reservation_is_placed_on_that_node():
     d = decide(vm(), view(nodes={"n1": node(), "n2": node("n2")}, node_views=(), reserved="n2"), NOW, SETTINGS)
     assert d.status_patch["node"] == "n2"
+
+
+def test_a_placement_decided_again_after_its_create_went_keeps_the_node_and_record_and_sends_nothing():
+    # the create went before its write; the write met a 409 (the object changed): the decision
+    # again writes the node and the dispatch record of the message already sent, and sends nothing
+    first = decide(vm(), view(nodes={"n1": node(), "n2": node("n2")}), NOW, SETTINGS)
+    sent = Sent(first.status_patch["node"], first.status_patch["dispatch"])
+    changed = vm(meta={"resourceVersion": "8", "labels": {"team": "a"}})
+    again = decide(changed, view(nodes={"n1": node(), "n2": node("n2")}, node_views=(), reserved=sent.node,
+                                 sent=sent), NOW + 0.02, SETTINGS)
+    assert again.messages == ()
+    assert again.status_patch["node"] == sent.node and again.status_patch["dispatch"] == first.status_patch["dispatch"]
+    assert again.status_patch["phase"] == Phase.SCHEDULED.value and again.placement.node == sent.node
+    # even where another node would be chosen now (the reservation went with a failed write)
+    elsewhere = decide(changed, view(nodes={"n2": node("n2"), "n1": node()}, sent=Sent("n1", sent.record)),
+                       NOW + 0.02, SETTINGS)
+    assert elsewhere.status_patch["node"] == "n1" and elsewhere.messages == ()
+
+
+def test_a_placement_decided_again_after_its_create_went_still_fails_a_spec_made_invalid_meanwhile():
+    sent = Sent("n1", dispatched(task="t-sent"))
+    d = decide(vm(spec={"vcpus": 0}), view(sent=sent), NOW, SETTINGS)
+    assert d.status_patch["phase"] == Phase.FAILED.value and "node" not in d.status_patch and d.messages == ()
 
 
 def test_a_new_vm_without_the_finalizer_is_placed_and_dispatched_in_its_one_status_write():

@@ -1,0 +1,76 @@
+"""Waiting for a create's placement to be recorded (docs/protocol.md, Dispatch).
+
+The operator sends a new VM's create just before it writes `status.node`, so the message may
+arrive while the object names no node yet. The handover rule still holds (once the operator set
+`status.node`, only that node acts on the VM; before, none does): the task does not act, it waits
+for the write, watching that one object from the resourceVersion it read, for at most
+`placementWaitSeconds`. The watch is the kubernetes client's blocking HTTP stream, which under the
+worker's gevent monkey-patching parks only the task's greenlet.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from kubernetes import watch
+from kubernetes.client.rest import ApiException
+
+from mikrom import kube, names
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+
+
+def node_of(vm: dict | None) -> str:
+    return ((vm or {}).get("status") or {}).get("node") or ""
+
+
+def wait_for_node(vm: dict, timeout: float) -> dict | None:
+    """`vm` as it is once its `status.node` is set, or as last seen when `timeout` seconds passed
+    without it; None when the object went or a namesake replaced it meanwhile."""
+    meta = vm["metadata"]
+    namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    deadline = time.monotonic() + timeout
+    while not node_of(vm):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return vm
+        seen = _watch(vm, left)
+        if seen is False:  # the watch could not go on from that version: read the object again
+            seen = kube.get_vm(namespace, name)
+        if seen is None or seen["metadata"].get("uid") != uid:
+            return None
+        vm = seen
+    return vm
+
+
+def _watch(vm: dict, left: float) -> dict | None | bool:
+    """Watch the object from `vm`'s resourceVersion until it names a node or `left` seconds pass:
+    the last version seen, None when deleted, False when the watch broke off (expired version)."""
+    meta = vm["metadata"]
+    w = watch.Watch()
+    deadline = time.monotonic() + left
+    try:
+        for event in w.stream(kube.custom().list_namespaced_custom_object, names.GROUP, names.VERSION,
+                              meta["namespace"], names.MICROVMS, field_selector=f"metadata.name={meta['name']}",
+                              resource_version=meta.get("resourceVersion"), allow_watch_bookmarks=False,
+                              timeout_seconds=max(1, math.ceil(left)),
+                              _request_timeout=(CONNECT_TIMEOUT, left + CONNECT_TIMEOUT)):
+            kind, obj = event.get("type"), event.get("object")
+            if kind == "ERROR" or not isinstance(obj, dict):
+                return False
+            if kind == "DELETED":
+                return None
+            vm = obj
+            if node_of(vm) or obj["metadata"].get("uid") != meta["uid"] or time.monotonic() >= deadline:
+                return vm
+    except ApiException as exc:
+        if exc.status != 410:  # 410 Gone: the version is too old to watch from
+            raise
+        return False
+    finally:
+        w.stop()
+    return vm
