@@ -49,8 +49,8 @@ def test_the_diagram_shows_every_part_and_the_paths_between_them():
                  "cleanup_old_vms", "health_check", "generate_report", "Flower", "Ingress", "Prometheus"):
         assert part in text, part
     edges = s["edge"]
-    for edge in ("user->microvm", "microvm->handlers", "handlers->decide", "decide->statuswrite",
-                 "statuswrite->send", "microvm->statuswrite", "send->q_node", "q_node->worker",
+    for edge in ("user->microvm", "microvm->handlers", "handlers->decide", "decide->send",
+                 "send->statuswrite", "microvm->statuswrite", "send->q_node", "q_node->worker",
                  "q_broadcast->worker", "q_default->worker", "beat->q_broadcast", "worker->supervisor",
                  "supervisor->vmm", "microvm->worker", "microvmnode->worker", "ingress->flower",
                  "prometheus->worker"):
