@@ -2,7 +2,9 @@
 
     python -I consolecap.py --state-dir DIR --max-bytes N [--ready-marker TEXT] -- VMM ARGV...
 
-Run by the drivers (base.Driver.start), never by hand. The process tree it leaves is
+Run by the drivers (base.Driver.start), never by hand: normally as `consolecap.main(argv)` in a
+child of the worker's fork server (worker/vmm/forkserver.py, which spares a Python start per VM),
+or as the command above when the fork server cannot be reached. The process tree it leaves is
 
     worker ──(exits at once)── launcher
     supervisor (this file, forked, orphaned) ── VMM
