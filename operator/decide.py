@@ -319,7 +319,7 @@ def _next_dispatch(vm: Mapping, view: ClusterView, now: float, settings: Setting
                 f"giving up (maxDispatchAttempts is {settings.max_dispatch_attempts})")
         return Decision(status_patch={"phase": Phase.FAILED.value, "reason": names.NO_PROGRESS, "message": text},
                         events=(Event(names.NO_PROGRESS, text, warning=True),))
-    return NOTHING  # waiting for progress: the VM's timer looks again
+    return NOTHING  # waiting for progress: the sweep looks again (operator/sweep.py)
 
 
 def _unreachable(vm: Mapping, node: str, h: health.Health, now: float) -> Decision:

@@ -84,7 +84,7 @@ def reconcile(body: dict) -> None:
         if needs:
             try:
                 vms.reconcile(vm, cause="node")
-            except Exception as exc:  # noqa: BLE001 - one VM must not stop the others; its timer retries
+            except Exception as exc:  # noqa: BLE001 - one VM must not stop the others; the sweep retries
                 log.warning("node %s: could not update MicroVM %s/%s: %s", name, vm["metadata"].get("namespace"),
                             vm["metadata"].get("name"), exc)
     _maybe_prune()
