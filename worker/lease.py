@@ -43,6 +43,18 @@ def renew(vms_dir: str | Path, deadline: float, node: str, why: str, ttl: float,
     return lease
 
 
+def deadline(vms_dir: str | Path) -> float | None:
+    """The lease's deadline (CLOCK_BOOTTIME) as it stands now; None without a lease file, 0.0 if it
+    cannot be read (an expired lease). A start takes it before its first status write and hands
+    it to the supervisor (`--start-before`): the VMM may start only under the lease that was valid
+    when the start was decided, never under one renewed after a freeze in between."""
+    lease = consolecap.read_lease(str(lease_path(vms_dir)))
+    if lease is None:
+        return None
+    value = lease.get("expires_boottime")
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
 def remaining(vms_dir: str | Path) -> float | None:
     """Seconds left on the lease; None without a lease file."""
     lease = consolecap.read_lease(str(lease_path(vms_dir)))

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 from mikrom import kube, metrics, names
 from mikrom.names import Phase, RunStrategy
 
-from . import concurrently, images, ipalloc, runtime as rt, timing, vmm
+from . import concurrently, images, ipalloc, lease, runtime as rt, timing, vmm
 from .state import LocalVM, Observation
 from .status import ObjectChanged
 
 log = logging.getLogger(__name__)
+# A start launched later than this before the end of the lease it was decided under confirms its
+# placement again first (see VMSpec.start_before): the supervisor would refuse it otherwise.
+RECONFIRM_BEFORE = 2.0
 
 PERMANENT_REASONS = frozenset({names.INVALID_SPEC, names.CHECKSUM_MISMATCH, "ImageTooLarge", "VMMUnavailable"})
 """Failures that repeating cannot fix: sticky until the spec (generation) or restartedAt changes."""
@@ -204,6 +207,9 @@ class Reconciler:
                           createdAt=local.read_meta().get("createdAt") or time.time(),
                           restartedAt=restart_annotation(vm))
         deferred: list = []
+        # the lease as it stands before the guarded write that confirms the placement: the VMM may
+        # start only under it (see VMSpec.start_before), not under one renewed after a stall
+        start_before = lease.deadline(self.runtime.vms_dir)
         steps = {"provisioning": lambda: self._write(vm, Phase.PROVISIONING.value, "Provisioning",
                                                      f"starting on {self.ctx.node}", {"vmm": vmm_name},
                                                      guard=True, defer_events=deferred)}
@@ -221,8 +227,15 @@ class Reconciler:
         if failed is not None:
             return failed
         address = out.results.get("network")
+        if start_before is not None and lease.boottime() > start_before - RECONFIRM_BEFORE:
+            # the preparation (a long download, or a stall) outlived the lease the start was
+            # decided under: confirm the placement again under the lease as it stands now (a
+            # guarded empty write: a VM moved or changed meanwhile is refused and decided again)
+            start_before = lease.deadline(self.runtime.vms_dir)
+            vm = self._write(vm, None, None, None, {}, guard=True)
         try:
             vmspec = self.runtime.build_spec(local, vm, out.results["images"], address)
+            vmspec.start_before = start_before
             pid = self.runtime.launch(local, vmspec, vmm_name, strays_reaped=True)
             timing.mark("launched")
         except (vmm.VMMStartFailed, images.ImageRefused, images.ImageNotFound) as exc:

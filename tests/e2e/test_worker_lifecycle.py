@@ -124,6 +124,28 @@ def test_images_given_by_url_boot_and_are_downloaded_once_for_vms_created_togeth
         server.close()
 
 
+def test_a_start_whose_download_outlives_the_lease_it_was_decided_under_confirms_its_placement_and_runs(
+        fleet, make_worker, netns, guest_image_dir):
+    # the lease lasts 4 s and each image takes 3 s to come: the start's launch comes after the end
+    # of the lease it was decided under, so it must confirm its placement again (not be refused
+    # by its supervisor, which starts a VMM only under the lease its start was decided under)
+    worker = make_worker(netns=netns, image_url_allowed_cidrs=LOOPBACK, heartbeat_seconds=1,
+                         self_fence_after_seconds=4, fence_peer_window_seconds=1)
+    fleet.node = worker.node
+    with FileServer(guest_image_dir, delay=6.0) as server:
+        image = {what: {"url": server.url(name), "sha256": _sha256(guest_image_dir / name)}
+                 for what, name in (("kernel", "vmlinuz"), ("initrd", "initrd.img"))}
+        # placed and settled first (Halted), so that the start is decided on an object nobody else
+        # changes while its images come
+        fleet.create("slow", network=False, image=image, runStrategy="Halted")
+        fleet.wait_phase("slow", "Stopped", timeout=60, avoid=("Failed",))
+        fleet.patch("slow", {"spec": {"runStrategy": "Always"}})
+        st = fleet.wait_phase("slow", "Running", timeout=120, avoid=("Failed",))
+    assert vmm_pids(worker.state_dir, fleet.uid("slow")) == [st["pid"]]
+    reasons = [e.reason for e in fleet.events("slow")]
+    assert "VMMStartFailed" not in reasons and "Failed" not in reasons, reasons
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

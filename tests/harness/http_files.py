@@ -12,7 +12,8 @@ class FileServer:
     """A real HTTP server on 127.0.0.1 serving files from a directory, counting GETs per path.
     Use it as a context manager, or call `close()`."""
 
-    def __init__(self, root):
+    def __init__(self, root, delay: float = 0.0):
+        """`delay`: seconds each GET waits before its answer (a slow remote, for long downloads)."""
         self.hits: list[str] = []
         """Every GET's path, in arrival order."""
         self._lock = threading.Lock()
@@ -25,6 +26,8 @@ class FileServer:
             def do_GET(self):
                 with server_self._lock:
                     server_self.hits.append(self.path)
+                if delay:
+                    threading.Event().wait(delay)
                 try:
                     super().do_GET()
                 except (BrokenPipeError, ConnectionResetError):

@@ -123,6 +123,27 @@ def test_a_supervisor_refuses_to_start_a_vmm_under_an_expired_lease(vms):
     assert events(vms, spec.uid) == []
 
 
+def test_a_start_decided_under_a_lease_that_ran_out_is_refused_although_the_lease_was_renewed_since(vms):
+    # a worker frozen between its decision (lease taken, placement confirmed) and the launch: on
+    # waking it renews the lease, but the decision may predate a reschedule elsewhere
+    decided_under = lease.boottime() - 0.5
+    lease_for(vms, 30)
+    spec = spec_in(vms)
+    spec.start_before = decided_under
+    with pytest.raises(VMMStartFailed, match="decided under a fence lease that ran out"):
+        ShellDriver(BUSY).start(spec)
+    assert events(vms, spec.uid) == []
+    assert running_pid(spec.state_dir) is None
+
+
+def test_a_start_launched_within_the_lease_it_was_decided_under_runs(vms):
+    lease_for(vms, 30)
+    spec = spec_in(vms)
+    spec.start_before = lease.deadline(vms)
+    pid = ShellDriver(BUSY).start(spec)
+    assert pid and running_pid(spec.state_dir) == pid
+
+
 def test_removing_the_lease_file_after_it_was_seen_fences(vms):
     lease_for(vms, 60.0)
     spec = spec_in(vms)

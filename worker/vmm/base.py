@@ -100,6 +100,11 @@ class VMSpec:
     state_dir: Path = Path(".")
     netns: str | None = None
     """Run the VMM inside this network namespace (`ip netns exec`); the tap must live there."""
+    start_before: float | None = None
+    """CLOCK_BOOTTIME deadline of the node's lease when the start was decided (worker/lease.py
+    `deadline`): the supervisor refuses to start the VMM after it, even if the lease was renewed
+    since, because the decision may be older than a reschedule elsewhere (a worker frozen between
+    its Provisioning write and the launch). None: no lease (a driver used without a worker)."""
 
     def __post_init__(self):
         self.state_dir = Path(self.state_dir)
@@ -483,8 +488,9 @@ class Driver:
         except hostcgroup.HostCgroupError as exc:
             raise VMMStartFailed(str(exc)) from exc
         timing.mark("host_cgroup")
+        decided = ["--start-before", repr(spec.start_before)] if spec.start_before is not None else []
         pid = launch_detached(plan, state, ["--max-bytes", str(self.console_max_bytes),
-                                            "--ready-marker", self.ready_marker, *cgroup_args])
+                                            "--ready-marker", self.ready_marker, *decided, *cgroup_args])
         sync_file(state / "vm.json")
         try:
             self._configure(spec, pid)

@@ -486,6 +486,14 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
         os.write(report_fd, json.dumps({"error": f"not starting the VMM: this node's fence lease is not "
                                                  f"valid ({why})"}).encode())
         return 127
+    late = boottime() - args.start_before if args.start_before is not None else 0.0
+    if late > 0:
+        # The start was decided under a lease that has run out since: the worker stalled (frozen,
+        # suspended) between its decision and this launch, long enough for the VM to have been
+        # rescheduled elsewhere. A lease renewed after the stall does not cover that decision.
+        os.write(report_fd, json.dumps({"error": f"not starting the VMM: the start was decided under a fence "
+                                                 f"lease that ran out {late:.1f}s ago; deciding again"}).encode())
+        return 127
     try:
         os.unlink(os.path.join(state, FENCE_FILE))  # the previous run's; this run is not fenced
     except FileNotFoundError:
@@ -643,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--max-bytes", type=int, default=1 << 20)
     parser.add_argument("--ready-marker", default="")
+    parser.add_argument("--start-before", type=float, default=None, metavar="BOOTTIME",
+                        help="refuse to start the VMM after this CLOCK_BOOTTIME (the lease the start was decided under)")
     parser.add_argument("--cgroup-procs", action="append", default=[],
                         help="a cgroup.procs file the supervisor joins before starting the VMM (repeatable)")
     parser.add_argument("--cgroupns", default=None, help="cgroup namespace to enter before joining")
