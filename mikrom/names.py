@@ -14,6 +14,11 @@ MICROVMNODES = "microvmnodes"
 IPPOOLS = "ippools"
 
 FINALIZER = "mikrom.io/finalizer"
+OPERATOR_STORAGE_PREFIX = "operator.mikrom.io"
+"""The prefix of the annotations kopf keeps for the operator (its handlers' progress)."""
+OPERATOR_MARKER = f"{OPERATOR_STORAGE_PREFIX}/kopf-managed"
+"""The annotation kopf adds once to every object it handles, after the finalizer: the operator's
+last write in a new VM's creation (worker/placement_wait.py waits for it, briefly)."""
 ANNOTATION_RESTARTED_AT = "mikrom.io/restartedAt"
 ANNOTATION_FORCE_DELETE = "mikrom.io/force-delete"
 LABEL_KVM = "mikrom.io/kvm"

@@ -19,7 +19,7 @@ from mikrom.settings import Settings
 log = logging.getLogger(__name__)
 
 PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
-STORAGE_PREFIX = "operator.mikrom.io"
+STORAGE_PREFIX = names.OPERATOR_STORAGE_PREFIX
 SWITCH_INTERVAL = 0.001
 """Seconds between the interpreter's thread switches (default 0.005)."""
 DIFF_BASE_REMEMBERED = 200000

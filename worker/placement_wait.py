@@ -28,14 +28,38 @@ def node_of(vm: dict | None) -> str:
     return ((vm or {}).get("status") or {}).get("node") or ""
 
 
+SETTLE_GRACE_SECONDS = 1.0
+"""How long past the placement a create waits for the operator's last creation writes (kopf's
+finalizer and marker) before it acts anyway."""
+
+
+def settled(vm: dict | None) -> bool:
+    """The operator is done with the object's creation: its placement recorded, then kopf's
+    finalizer and marker added (two patches right after the placement write), or the object is
+    already being deleted. A start decided before that would meet those patches as a changed
+    object (409) at its first guarded write, and be read and decided again."""
+    meta = (vm or {}).get("metadata") or {}
+    if not node_of(vm):
+        return False
+    return bool(meta.get("deletionTimestamp")) or (names.FINALIZER in (meta.get("finalizers") or ())
+                                                   and names.OPERATOR_MARKER in (meta.get("annotations") or {}))
+
+
 def wait_for_node(vm: dict, timeout: float) -> dict | None:
-    """`vm` as it is once its `status.node` is set, or as last seen when `timeout` seconds passed
-    without it; None when the object went or a namesake replaced it meanwhile."""
+    """`vm` as it is once it is `settled`, or as last seen when `timeout` seconds passed without a
+    node, or SETTLE_GRACE_SECONDS after the node without the rest; None when the object went or a
+    namesake replaced it meanwhile."""
     meta = vm["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
     deadline = time.monotonic() + timeout
-    while not node_of(vm):
-        left = deadline - time.monotonic()
+    settle_by = None
+    while not settled(vm):
+        now = time.monotonic()
+        end = deadline
+        if node_of(vm):  # placed: the finalizer and marker follow within moments, or never
+            settle_by = settle_by or now + SETTLE_GRACE_SECONDS
+            end = min(deadline, settle_by)
+        left = end - now
         if left <= 0:
             return vm
         seen = _watch(vm, left)
@@ -65,7 +89,7 @@ def _watch(vm: dict, left: float) -> dict | None | bool:
             if kind == "DELETED":
                 return None
             vm = obj
-            if node_of(vm) or obj["metadata"].get("uid") != meta["uid"] or time.monotonic() >= deadline:
+            if settled(vm) or obj["metadata"].get("uid") != meta["uid"] or time.monotonic() >= deadline:
                 return vm
     except ApiException as exc:
         if exc.status != 410:  # 410 Gone: the version is too old to watch from

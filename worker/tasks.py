@@ -88,7 +88,7 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
             app.send_task(task.name, kwargs=ref.model_dump(mode="json"), queue=names.node_queue(target))
             log.info("%s for %s/%s forwarded to %s", task.name, ref.namespace, ref.name, names.node_queue(target))
             return {"outcome": f"forwarded to {target}", "uid": ref.uid}
-        if intent is names.Intent.CREATE and not placement_wait.node_of(vm):
+        if intent is names.Intent.CREATE and not placement_wait.settled(vm):
             vm, why = _placed_here(ctx, vm)
             if why:
                 log.warning("%s for %s/%s (uid %r) dropped: %s", task.name, ref.namespace, ref.name, ref.uid, why)
