@@ -17,11 +17,11 @@ import select
 import subprocess
 import sys
 import termios
-import time
 from pathlib import Path
 
 import pytest
 from harness import binaries
+from harness.terminal import Terminal
 from harness.vms import e2e_skip_reason, vmm_pids
 
 pytestmark = pytest.mark.skipif(e2e_skip_reason() is not None, reason=e2e_skip_reason() or "")
@@ -46,40 +46,6 @@ def console_initrd(image_dir: Path) -> str:
                              capture_output=True, check=True, timeout=30).stdout
     (image_dir / "initrd-console.img").write_bytes((image_dir / "initrd.img").read_bytes() + archive)
     return "initrd-console.img"
-
-
-class Terminal:
-    """The test's side of a pty whose other side is the plugin's terminal."""
-
-    def __init__(self):
-        self.master, self.slave = os.openpty()
-        self.seen = b""
-
-    def expect(self, needle: bytes, timeout: float = 30) -> bytes:
-        """What the terminal showed up to `needle`, read as it arrives."""
-        deadline = time.monotonic() + timeout
-        while needle not in self.seen:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.master], [], [], left)[0]:
-                raise AssertionError(f"{needle!r} not shown within {timeout}s; the terminal showed {self.seen[-2000:]!r}")
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:  # EIO: every holder of the other side closed it
-                data = b""
-            if not data:
-                raise AssertionError(f"the terminal closed before {needle!r}; it showed {self.seen[-2000:]!r}")
-            self.seen += data
-        return self.seen
-
-    def type(self, text: bytes) -> None:
-        os.write(self.master, text)
-
-    def close(self) -> None:
-        for fd in (self.master, self.slave):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 def test_kubectl_mikrom_console_types_into_a_real_guest_and_ctrl_bracket_detaches_restoring_the_terminal(
