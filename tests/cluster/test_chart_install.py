@@ -1,7 +1,7 @@
 """The chart on the real one-node cluster: `helm install --wait` with the images hack/images.sh
 built, every component running under the chart's own ServiceAccounts, the example MicroVM booting
 (QEMU, TCG) with its VMM in a host cgroup of its own, the VMM surviving the worker pod's deletion
-and a `helm upgrade`, the lifecycle, the admission policy refusing a worker another node's writes,
+and a `helm upgrade`, `kubectl mikrom console --via-pod` through the worker pod, the lifecycle, the admission policy refusing a worker another node's writes,
 Flower through the Ingress (its login, the VM's create task in its API, a screenshot of its task
 list), and `helm uninstall` leaving no pod well within the worker's grace period.
 
@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -31,6 +32,7 @@ import yaml
 from harness import binaries, cluster_config, cluster_pods
 from harness.cluster_addons import INGRESS_CLASS
 from harness.screenshot import screenshot
+from harness.terminal import Terminal
 from harness.vms import vmm_pids
 from harness.waits import wait_for
 
@@ -223,6 +225,63 @@ def test_the_example_microvm_runs_with_its_vmm_in_a_host_cgroup_of_its_own(relea
     # the create task's id, for Flower's task list below
     release.create_task = (uid, vm["status"]["dispatch"]["taskId"])
     _assert_in_own_group(release, pid, uid, vm["spec"]["vcpus"], vm["spec"]["memoryMiB"])
+
+
+def _host_relay(release, uid: str, hold: float = 3.0) -> tuple[bool, int, bytes]:
+    """The console relay run on the node itself (not in the pod), sending nothing for `hold`
+    seconds: (whether it stayed attached that long, its exit status, what it printed)."""
+    relay = subprocess.Popen([sys.executable, "-m", "mikrom.worker", "console-relay", uid, "--state-dir",
+                              str(release.state)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        relay.wait(timeout=hold)
+        held = False
+    except subprocess.TimeoutExpired:
+        held = True
+    relay.stdin.close()  # as a detach does: the relay lets go of the console
+    out = relay.stdout.read()
+    return held, relay.wait(timeout=30), out
+
+
+def test_kubectl_mikrom_console_reaches_the_vm_through_kubectl_exec_in_the_node_s_worker_pod(release):
+    vm = release.vm("hello")
+    uid = vm["metadata"]["uid"]
+    env = dict(os.environ, KUBECONFIG=str(release.cluster.kubeconfig),
+               PATH=f"{Path(sys.executable).parent}:{binaries.require('kubectl').parent}:{os.environ['PATH']}")
+    plugin = ["kubectl", "mikrom", "console", "-n", release.tenant, "hello", "--via-pod",
+              "--worker-namespace", release.namespace, "--pod-state-dir", str(release.state)]
+    # the read-only log, read in the pod: what the supervisor wrote on the node
+    log = subprocess.run(plugin + ["--log"], capture_output=True, env=env, timeout=60)
+    assert log.returncode == 0, log.stderr
+    on_node = (release.state / "vms" / uid / "console.log").read_bytes()
+    assert log.stdout and on_node.startswith(log.stdout[:4096]), "the pod's log is the node's"
+
+    # interactive: the relay in the worker pod holds the VM's console (one client at a time, so a
+    # second client on the node is refused) until Ctrl-] detaches, which frees it again
+    term = Terminal()
+    attached = subprocess.Popen(plugin, stdin=term.slave, stdout=term.slave, stderr=term.slave, env=env,
+                                start_new_session=True)
+    try:
+        term.expect(b"Ctrl-] detaches", timeout=30)
+        # attached once the guest's serial echoes what is typed (the banner comes before the relay
+        # in the pod has connected)
+        term.seen = b""
+        term.type(b"\r")
+        term.expect(b"\n", timeout=60)
+        held, status, out = wait_for(lambda: (r := _host_relay(release, uid, hold=2.0))[1] != 0 and r, 60,
+                                     "the console to be held by the relay in the worker pod")
+        assert not held and b"in use" in out, out
+        assert attached.poll() is None, "the plugin is still attached"
+        term.type(b"\x1d")  # Ctrl-]
+        assert attached.wait(timeout=30) == 0
+        term.expect(b"detached", timeout=5)
+    finally:
+        if attached.poll() is None:
+            attached.kill()
+            attached.wait()
+        term.close()
+    wait_for(lambda: (r := _host_relay(release, uid))[0] and r[1] == 0 and b"in use" not in r[2], 30,
+             "the console to be free once the pod's relay let go")
+    assert release.vm("hello")["status"]["phase"] == "Running"
 
 
 def test_deleting_the_worker_pod_and_upgrading_the_release_keep_the_vm_running(release):
