@@ -146,7 +146,9 @@ if celery_command() in SERVICES:  # worker, beat, flower: no start with a broker
 configure(app, settings)
 
 if celery_command() == "worker":  # a warm shutdown whose Redis went must still end (mikrom.shutdown_deadline)
-    from . import shutdown_deadline
+    from . import broker_compat, shutdown_deadline
+
+    broker_compat.install()  # a Redis restart with messages in flight must not end the worker
 
     shutdown_deadline.install(settings.worker_shutdown_idle_seconds)
 
