@@ -10,10 +10,11 @@ server; no VMM is started (the test changes the object so that none may be).
 from __future__ import annotations
 
 import uuid
-from urllib.parse import urlsplit
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client
+
+from harness.recording_api import worker_api  # noqa: F401 - the fixture
 
 from mikrom import kube, names
 from mikrom.settings import Settings
@@ -24,32 +25,6 @@ from mikrom.worker.runtime import Runtime
 from mikrom.worker.status import ObjectChanged, StatusWriter
 
 G, V, P = names.GROUP, names.VERSION, names.MICROVMS
-
-
-class RecordingApiClient(client.ApiClient):
-    """A real API client that also notes every request's method and path."""
-
-    def __init__(self, configuration):
-        super().__init__(configuration)
-        self.requests: list[tuple[str, str]] = []
-        send = self.rest_client.request
-
-        def request(method, url, *args, **kwargs):
-            self.requests.append((method, urlsplit(url).path))
-            return send(method, url, *args, **kwargs)
-
-        self.rest_client.request = request
-
-
-@pytest.fixture
-def worker_api(worker_kubeconfig):
-    cfg = client.Configuration()
-    config.load_kube_config(config_file=str(worker_kubeconfig), client_configuration=cfg)
-    api = RecordingApiClient(cfg)
-    kube.set_api(api)
-    yield api
-    kube.set_api(None)
-    api.close()
 
 
 @pytest.fixture
@@ -91,7 +66,7 @@ def test_a_start_decided_from_an_object_that_changed_meanwhile_is_decided_again_
     assert not ctx.runtime.local(read["metadata"]["uid"]).observe().configured, "no VMM was started"
     path = f"/apis/{G}/{V}/namespaces/{namespace}/{P}/changed"
     # the guarded Provisioning write (refused, 409), one read of the fresh object, the Stopped write
-    assert [r for r in worker_api.requests if r[1] in (path, path + "/status")] == [
+    assert [r[:2] for r in worker_api.requests if r[1] in (path, path + "/status")] == [
         ("PATCH", path + "/status"), ("GET", path), ("PATCH", path + "/status")]
 
 

@@ -10,10 +10,11 @@ real API server; the HTTP requests it sends are recorded on their way out.
 from __future__ import annotations
 
 import uuid
-from urllib.parse import parse_qsl, urlsplit
 
 import pytest
-from kubernetes import client, config
+from kubernetes import client
+
+from harness.recording_api import worker_api  # noqa: F401 - the fixture
 
 from mikrom import kube, names
 from mikrom.settings import Settings
@@ -23,33 +24,6 @@ from mikrom.worker.locks import NodeLocks
 from mikrom.worker.reconcile import Reconciler
 from mikrom.worker.runtime import Runtime
 from mikrom.worker.status import StatusWriter
-
-
-class RecordingApiClient(client.ApiClient):
-    """A real API client that also notes every request's method, path and query."""
-
-    def __init__(self, configuration):
-        super().__init__(configuration)
-        self.requests: list[tuple[str, str, dict]] = []
-        send = self.rest_client.request
-
-        def request(method, url, *args, **kwargs):
-            parts = urlsplit(url)
-            self.requests.append((method, parts.path, dict(parse_qsl(parts.query))))
-            return send(method, url, *args, **kwargs)
-
-        self.rest_client.request = request
-
-
-@pytest.fixture
-def worker_api(worker_kubeconfig):
-    cfg = client.Configuration()
-    config.load_kube_config(config_file=str(worker_kubeconfig), client_configuration=cfg)
-    api = RecordingApiClient(cfg)
-    kube.set_api(api)
-    yield api
-    kube.set_api(None)
-    api.close()
 
 
 @pytest.fixture
