@@ -250,8 +250,31 @@ def _enable_v2(level: Path) -> None:
         _write(level / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
 
 
+_made: dict[tuple[str, str, str], tuple[tuple[int, int, int], Placement]] = {}
+"""The groups this process made, by (root, parent, uid): the shape they were limited to and the
+placement, so the launch right after the preparation (which made the group) does not walk every
+hierarchy again (tens of small cgroupfs operations on a v1 host). Dropped by `remove`."""
+
+
 def create(cfg: HostCgroupConfig, uid: str, vcpus: int, memory_mib: int) -> Placement:
     """Create (or keep) the VM's group in every hierarchy and write its limits. Safe to repeat."""
+    placement = _create(cfg, uid, vcpus, memory_mib)
+    _made[(cfg.root, cfg.parent, uid)] = ((vcpus, memory_mib, cfg.memory_overhead_mib), placement)
+    return placement
+
+
+def made(cfg: HostCgroupConfig, uid: str, vcpus: int, memory_mib: int) -> Placement | None:
+    """The placement `create` made in this process for this VM at this shape, if its groups are
+    all still there (else None: create it again)."""
+    shape, placement = _made.get((cfg.root, cfg.parent, uid), (None, None))
+    if placement is None or shape != (vcpus, memory_mib, cfg.memory_overhead_mib):
+        return None
+    if not all(Path(p).exists() for p in placement.procs):
+        return None
+    return placement
+
+
+def _create(cfg: HostCgroupConfig, uid: str, vcpus: int, memory_mib: int) -> Placement:
     placement = Placement(procs=[], limits={})
     for hier in hierarchies(cfg.root):
         group = group_dir(hier.path, cfg.parent, uid)
@@ -298,6 +321,7 @@ def remove(cfg: HostCgroupConfig, uid: str, timeout: float = 5.0) -> bool:
     A group still holding a process (the supervisor draining its last console bytes) is retried
     until `timeout`, then left for the next stop or cleanup, with a warning.
     """
+    _made.pop((cfg.root, cfg.parent, uid), None)
     try:
         hiers = hierarchies(cfg.root)
     except HostCgroupError:
@@ -324,8 +348,9 @@ def remove(cfg: HostCgroupConfig, uid: str, timeout: float = 5.0) -> bool:
 
 def supervisor_args(cfg: HostCgroupConfig, uid: str, vcpus: int, memory_mib: int) -> list[str]:
     """Create the VM's group and return the supervisor's options that make it join the group
-    before it starts the VMM (consolecap.py `--cgroup-procs`, `--cgroupns`)."""
-    placement = create(cfg, uid, vcpus, memory_mib)
+    before it starts the VMM (consolecap.py `--cgroup-procs`, `--cgroupns`); a group this process
+    made a moment ago for the same shape (the start's preparation) is taken as it is."""
+    placement = made(cfg, uid, vcpus, memory_mib) or create(cfg, uid, vcpus, memory_mib)
     log.info("host cgroup of %s: %s", uid, ", ".join(f"{k}={v}" for k, v in placement.limits.items()) or "no limits")
     args: list[str] = []
     for path in placement.procs:

@@ -159,3 +159,36 @@ def test_a_jailed_firecracker_is_placed_in_the_vms_host_group_with_the_hosts_ver
     assert argv[argv.index("--cgroup-version") + 1] == "2"
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--cgroup"] == [
         "cpu.max=200000 100000", f"memory.max={(128 + 256) << 20}"]
+
+
+def test_the_launch_takes_the_group_its_preparation_made_unless_the_shape_changed_or_it_was_removed(
+        tmp_path, monkeypatch):
+    root = tmp_path / "cgroup"
+    for name in ("cpu,cpuacct", "memory", "pids"):  # v1 hierarchies
+        (root / name).mkdir(parents=True)
+        (root / name / "cgroup.procs").write_text("")
+    cfg = HostCgroupConfig(root=str(root), parent="mikrom", memory_overhead_mib=64)
+    placement = hostcgroup.create(cfg, UID, 1, 128)
+    assert len(placement.procs) == 3
+    for procs in placement.procs:
+        procs.write_text("")  # what the kernel puts in every new group
+    walks = []
+    real = hostcgroup._create
+    monkeypatch.setattr(hostcgroup, "_create", lambda *a: walks.append(a) or real(*a))
+
+    args = hostcgroup.supervisor_args(cfg, UID, 1, 128)
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--cgroup-procs"] == [str(p) for p in placement.procs]
+    assert walks == []  # no second walk of every hierarchy
+
+    hostcgroup.supervisor_args(cfg, UID, 2, 128)  # another shape: its limits are written
+    assert len(walks) == 1
+    hostcgroup.supervisor_args(cfg, UID, 2, 128)
+    assert len(walks) == 1
+
+    hostcgroup.remove(cfg, UID, timeout=0)  # forgotten with its removal, whether or not it went
+    hostcgroup.supervisor_args(cfg, UID, 2, 128)
+    assert len(walks) == 2
+
+    placement.procs[0].unlink()  # a group gone behind this process's back is made again
+    hostcgroup.supervisor_args(cfg, UID, 2, 128)
+    assert len(walks) == 3
