@@ -56,6 +56,18 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
 DIFF_BASE = MemoryDiffBaseStorage()
 
 
+class UnmarkedAnnotationsProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's annotations progress storage, without its branding marker.
+
+    kopf adds `<prefix>/kopf-managed: yes` to an object the first time a handler's progress is
+    stored, only to make the prefix recognisable; on every new MicroVM that was one more patch
+    (and one more watch event for the operator and the node's worker) after kopf's finalizer. A
+    handler that succeeds at once leaves no progress, so nothing else is written."""
+
+    def _store_marker(self, prefix, patch, body) -> None:  # noqa: ANN001 - kopf's signature
+        return None
+
+
 def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
     """Apply Mikrom's choices to kopf's settings (called from the startup handler, so that
     `kopf run` gets them too)."""
@@ -64,8 +76,9 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
     # right after the raw-event handler sent the create (docs/protocol.md, Dispatch).
     # Handler progress (retries of a handler that failed) goes in annotations, not status: the
     # strict status schema would prune it, and a status write is ours alone (one merge patch per
-    # decision). A handler that succeeds at once leaves none.
-    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
+    # decision). A handler that succeeds at once leaves none, and
+    # no kopf-managed marker is added either (`UnmarkedAnnotationsProgressStorage`).
+    kopf_settings.persistence.progress_storage = UnmarkedAnnotationsProgressStorage(prefix=STORAGE_PREFIX)
     # The diff base (the spec as last handled, which tells kopf an update from a mere status change)
     # stays in this process's memory: kept in an annotation it was one more write after every
     # create and spec change, competing with the status writes that carry dispatches. Nothing

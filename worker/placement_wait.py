@@ -29,20 +29,19 @@ def node_of(vm: dict | None) -> str:
 
 
 SETTLE_GRACE_SECONDS = 1.0
-"""How long past the placement a create waits for the operator's last creation writes (kopf's
-finalizer and marker) before it acts anyway."""
+"""How long past the placement a create waits for the operator's last creation write (kopf's
+finalizer) before it acts anyway."""
 
 
 def settled(vm: dict | None) -> bool:
     """The operator is done with the object's creation: its placement recorded, then kopf's
-    finalizer and marker added (two patches right after the placement write), or the object is
-    already being deleted. A start decided before that would meet those patches as a changed
-    object (409) at its first guarded write, and be read and decided again."""
+    finalizer added (a patch right after the placement write), or the object is already being
+    deleted. A start decided before that would meet that patch as a changed object (409) at its
+    first guarded write, and be read and decided again."""
     meta = (vm or {}).get("metadata") or {}
     if not node_of(vm):
         return False
-    return bool(meta.get("deletionTimestamp")) or (names.FINALIZER in (meta.get("finalizers") or ())
-                                                   and names.OPERATOR_MARKER in (meta.get("annotations") or {}))
+    return bool(meta.get("deletionTimestamp")) or names.FINALIZER in (meta.get("finalizers") or ())
 
 
 def wait_for_node(vm: dict, timeout: float) -> dict | None:
@@ -56,7 +55,7 @@ def wait_for_node(vm: dict, timeout: float) -> dict | None:
     while not settled(vm):
         now = time.monotonic()
         end = deadline
-        if node_of(vm):  # placed: the finalizer and marker follow within moments, or never
+        if node_of(vm):  # placed: the finalizer follows within moments, or never
             settle_by = settle_by or now + SETTLE_GRACE_SECONDS
             end = min(deadline, settle_by)
         left = end - now

@@ -1,5 +1,6 @@
 """The pieces around a dispatch that keep its path short: Events recorded in the background after
-the dispatches in flight, in order per object, and kopf's diff base kept in memory."""
+the dispatches in flight, in order per object, kopf's diff base kept in memory, and no kopf marker
+written after a create."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import threading
 
 import kopf
 
+from mikrom import names
 from mikrom.operator import dispatch
-from mikrom.operator.startup import MemoryDiffBaseStorage
+from mikrom.operator.startup import MemoryDiffBaseStorage, UnmarkedAnnotationsProgressStorage
 
 
 def _vm(uid: str) -> dict:
@@ -105,3 +107,19 @@ def test_a_stopping_operator_drops_the_events_still_waiting(monkeypatch):
     for lane in lanes:
         lane.shutdown(wait=True)
     assert [m for _, m in rec.seen] == ["first"]
+
+
+def test_a_handler_that_succeeds_at_once_leaves_no_annotation_not_even_kopfs_marker():
+    # kopf stores a handler's progress, then purges it once every handler is done: what is left in
+    # the patch is written to the object, one more write (and watch event) per new MicroVM
+    storage = UnmarkedAnnotationsProgressStorage(prefix=names.OPERATOR_STORAGE_PREFIX)
+    body, patch = kopf.Body({"metadata": {"uid": "a", "name": "a", "annotations": {}}}), kopf.Patch()
+    key = kopf.HandlerId("microvm_create")
+    storage.store(key=key, record={"started": "2026-12-01T00:00:00", "success": True}, body=body, patch=patch)
+    storage.touch(body=body, patch=patch, value=None)
+    storage.purge(key=key, body=body, patch=patch)
+    assert not patch.get("metadata", {}).get("annotations")
+    stock, stock_patch = kopf.AnnotationsProgressStorage(prefix=names.OPERATOR_STORAGE_PREFIX), kopf.Patch()
+    stock.store(key=key, record={"success": True}, body=body, patch=stock_patch)
+    stock.purge(key=key, body=body, patch=stock_patch)
+    assert stock_patch["metadata"]["annotations"]  # what kopf's own storage would have written
