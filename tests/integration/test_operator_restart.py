@@ -1,6 +1,7 @@
 """Crash safety: kill -9 the operator while 50 MicroVMs are being created; after a restart every
 one is Scheduled, none is lost, and no VM got more create messages than one plus the re-dispatches
-the operators logged. Two replicas: one active, the other standing by until the first dies."""
+the operators logged (and a second placement for a create the kill caught between its send and its
+write). Two replicas: one active, the other standing by until the first dies."""
 
 from __future__ import annotations
 
@@ -53,9 +54,15 @@ def test_kill_9_during_50_creates_loses_no_vm_and_sends_no_unlogged_duplicates(o
     redispatched = collections.Counter(d["vm_uid"] for d in logged if d["redispatch"])
     sends = collections.Counter(d["vm_uid"] for d in logged)
     messages = collections.Counter(m.kwargs["uid"] for m in worker.messages(task=names.CREATE_VM))
+    # a new VM's create goes just before its placement write (docs/protocol.md, Dispatch): killed
+    # between the two, the first operator leaves a VM without a node, which the second places
+    # afresh, a second "new" create that both operators logged
+    placed_twice = {d["vm_uid"] for d in first.dispatches() if d["why"] == "new"} & {
+        d["vm_uid"] for d in second.dispatches() if d["why"] == "new"}
+    assert len(placed_twice) < len(first_uids)  # only the creates in flight at the kill
     for uid in created:
         assert messages[uid] >= 1, f"{uid}: no create message"
-        assert messages[uid] <= 1 + redispatched[uid], (uid, messages[uid], redispatched[uid])
+        assert messages[uid] <= 1 + redispatched[uid] + (uid in placed_twice), (uid, messages[uid], redispatched[uid])
         assert messages[uid] <= sends[uid]
     # the re-dispatches after the restart are logged as such, in a parseable form
     restarts = [d for d in second.dispatches() if d["why"] == "operator-restart"]
