@@ -44,8 +44,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness import controlplane, fake_worker, operator_proc, procs, redis_server  # noqa: E402
+from harness import fake_worker, operator_proc, procs  # noqa: E402
 from harness.waits import wait_for  # noqa: E402
+from stack import Stack  # noqa: E402
 from kubernetes import client, config  # noqa: E402
 
 from mikrom import names  # noqa: E402
@@ -113,34 +114,25 @@ def main() -> int:
 
     load_at_start = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="mikrom-bench-"))
-    started: list = []
+    stack = None
     worker = None
     ops: dict[str, operator_proc.Operator] = {}
     try:
         print(f"starting kube-apiserver, redis-server and both operators (logs in {workdir}) ...", flush=True)
-        cp = controlplane.start(workdir / "controlplane")
-        started += cp.processes
-        redis = redis_server.start(workdir / "redis")
-        started.append(redis.proc)
-        operator_proc.install(cp)
-        kubeconfig = operator_proc.service_account_kubeconfig(cp, workdir / "operator.kubeconfig")
-        for _, ns in OPERATORS:
-            cp.kubectl("create", "namespace", ns)
-        broker = redis.url(db=0)
-
-        worker = fake_worker.FakeWorker(str(cp.kubeconfig), broker)
+        stack = Stack.start(workdir, namespaces=[ns for _, ns in OPERATORS])
+        cp = stack.cp
+        worker = fake_worker.FakeWorker(str(cp.kubeconfig), stack.broker)
         per_node = max(1, -(-(args.count + args.single + 1) // args.nodes))
         node_names = [f"bench-{i}" for i in range(args.nodes)]
         for name in node_names:
             worker.add_node(name, vcpus=per_node, memory_mib=per_node * 256, answering=False)
-        ops["mikrom"] = operator_proc.start(cp, broker, workdir / "operator", "operator", kubeconfig,
-                                            namespace="bench", standalone=True,
-                                            # a loaded API server delays the fake nodes' heartbeats:
-                                            # the tests' 6 s would mark nodes lost mid-burst
-                                            env={"MIKROM_RECONCILE_INTERVAL_SECONDS": "10",
-                                                 "MIKROM_NODE_LOST_AFTER_SECONDS": "60",
-                                                 "MIKROM_PROGRESS_TIMEOUT_SECONDS": "600"})
-        ops["floor"] = start_floor(broker, kubeconfig, workdir / "floor", node_names)
+        ops["mikrom"] = stack.operator("operator", "bench", wait=False,
+                                       # a loaded API server delays the fake nodes' heartbeats:
+                                       # the tests' 6 s would mark nodes lost mid-burst
+                                       env={"MIKROM_RECONCILE_INTERVAL_SECONDS": "10",
+                                            "MIKROM_NODE_LOST_AFTER_SECONDS": "60",
+                                            "MIKROM_PROGRESS_TIMEOUT_SECONDS": "600"})
+        ops["floor"] = start_floor(stack.broker, stack.operator_kubeconfig, workdir / "floor", node_names)
         for op in ops.values():
             op.wait_live()
         api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(cp.kubeconfig)))
@@ -215,8 +207,8 @@ def main() -> int:
             op.stop()  # first, so that they do not see the fake nodes go silent
         if worker is not None:
             worker.close()
-        for p in reversed(started):
-            p.stop()
+        if stack is not None:
+            stack.close()
         if args.keep:
             print(f"\nlogs kept in {workdir}")
         else:
