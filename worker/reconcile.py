@@ -190,9 +190,10 @@ class Reconciler:
 
         What the VMM needs is made at the same time: the Provisioning write (guarded: it fails if
         the object changed since the decision was made, and the VM is decided again), the
-        address, tap and policy entry, the VMM's uid and host cgroup, and the images (checked,
-        downloaded, the VM's own rootfs copied). All end before anything else happens, and the
-        VMM starts only if all succeeded. A VM that never ran loses what the other steps made
+        address, tap and policy entry, the VMM's uid and host cgroup (with the VM's launcher
+        forked ahead into it, waiting for the launch), and the images (checked, downloaded, the
+        VM's own rootfs copied). All end before anything else happens, and the VMM starts only if
+        all succeeded (otherwise the waiting launcher exits having started nothing). A VM that never ran loses what the other steps made
         when its images fail, so a refused or corrupt image leaves nothing behind on the node.
         """
         spec = vm["spec"]
@@ -215,11 +216,24 @@ class Reconciler:
                                                      guard=True, defer_events=deferred)}
         if spec.get("network"):
             steps["network"] = lambda: self._network(vm, local, vmm_name)
-        steps["vmm"] = concurrently.in_os_thread(lambda: self.runtime.prepare_vmm(
-            vmm_name, local, int(spec.get("vcpus", 1)), int(spec.get("memoryMiB", 512))))
+        steps["vmm"] = lambda: self._vmm(vmm_name, local, int(spec.get("vcpus", 1)), int(spec.get("memoryMiB", 512)))
         steps["images"] = lambda: self._images(spec, local)
         out = concurrently.run(**steps)
         timing.mark("prepared")
+        staged = out.results.get("vmm")
+        if staged is not None and out.errors:
+            staged.close()  # no launch: the launcher waiting in the VM's group exits having started nothing
+        try:
+            return self._launch_prepared(vm, local, out, configured, deferred, start_before, staged, vmm_name,
+                                         event_reason)
+        finally:
+            if staged is not None:
+                staged.close()
+
+    def _launch_prepared(self, vm, local: LocalVM, out, configured: bool, deferred: list, start_before,
+                         staged, vmm_name: str, event_reason: str | None):
+        """The second half of a start: once every step of the preparation has ended, the VMM
+        starts if they all succeeded (the Provisioning write among them) and is waited for."""
         if "provisioning" in out.errors:
             raise out.errors["provisioning"]  # gone, changed (decided again) or the API server's trouble
         vm = out.results["provisioning"]
@@ -236,7 +250,7 @@ class Reconciler:
         try:
             vmspec = self.runtime.build_spec(local, vm, out.results["images"], address)
             vmspec.start_before = start_before
-            pid = self.runtime.launch(local, vmspec, vmm_name, strays_reaped=True)
+            pid = self.runtime.launch(local, vmspec, vmm_name, strays_reaped=True, staged=staged)
             timing.mark("launched")
         except (vmm.VMMStartFailed, images.ImageRefused, images.ImageNotFound) as exc:
             self.writer.record_events(deferred)
@@ -249,6 +263,16 @@ class Reconciler:
         log.info("%s/%s (%s): VMM started (pid %d)", vm["metadata"]["namespace"], vm["metadata"]["name"],
                  local.uid, pid)
         return self._await_ready(vm, local, event_reason)
+
+    def _vmm(self, vmm_name: str, local: LocalVM, vcpus: int, memory_mib: int):
+        """Strays reaped, the VMM's uid claimed and its host cgroup made (in an OS thread: /proc
+        scans and cgroupfs), then its launcher forked ahead into that cgroup (Runtime.stage_launch):
+        joining a group can wait an RCU grace period, which is then spent while the other steps
+        (the Provisioning write above all) are still going. The launcher, or None."""
+        concurrently.in_os_thread(lambda: self.runtime.prepare_vmm(vmm_name, local, vcpus, memory_mib))()
+        staged = self.runtime.stage_launch(vmm_name, local, vcpus, memory_mib)
+        timing.mark("staged")
+        return staged
 
     def _network(self, vm, local: LocalVM, vmm_name: str) -> rt.Address:
         cidr = self.ctx.node_cidr()

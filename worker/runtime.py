@@ -125,6 +125,11 @@ class Runtime:
                 raise vmm.VMMStartFailed(str(exc)) from exc
             timing.mark("cgroup_made")
 
+    def stage_launch(self, vmm_name: str, local: LocalVM, vcpus: int, memory_mib: int):
+        """The VM's launcher forked ahead, joining its host cgroup while the rest of the start is
+        prepared and confirmed (Driver.stage), for `launch`; None if the driver stages nothing."""
+        return self.driver(vmm_name).stage(local.dir, local.uid, vcpus, memory_mib)
+
     def available_vmms(self) -> list[str]:
         if self._available is None:
             self._available = vmm.available_drivers(self.driver_configs())
@@ -267,9 +272,18 @@ class Runtime:
                           rootfs=rootfs, kernel_args=args, tap=address.tap if address else None,
                           mac=address.mac if address else None, state_dir=local.dir, netns=self.netns)
 
-    def launch(self, local: LocalVM, spec: vmm.VMSpec, vmm_name: str, strays_reaped: bool = False) -> int:
+    def launch(self, local: LocalVM, spec: vmm.VMSpec, vmm_name: str, strays_reaped: bool = False,
+               staged=None) -> int:
         """Start the VMM (or return the pid of the one already running for this VM); first kill
-        its strays unless the caller just did (prepare_vmm, under the same lock)."""
+        its strays unless the caller just did (prepare_vmm, under the same lock). `staged`
+        (stage_launch) takes the launch; it is closed in any case."""
+        try:
+            return self._launch(local, spec, vmm_name, strays_reaped, staged)
+        finally:
+            if staged is not None:
+                staged.close()
+
+    def _launch(self, local: LocalVM, spec: vmm.VMSpec, vmm_name: str, strays_reaped: bool, staged) -> int:
         driver = self.driver(vmm_name)
         longest = len(str((local.dir / "qmp.sock").resolve()).encode())
         if longest > MAX_UNIX_SOCKET_PATH:
@@ -278,7 +292,7 @@ class Runtime:
                                      f"({longest} > {MAX_UNIX_SOCKET_PATH} bytes): set a shorter MIKROM_STATE_DIR")
         if not strays_reaped:
             self.reap_strays(local)
-        return driver.start(spec)
+        return driver.start(spec, staged=staged)
 
     def wait_ready(self, local: LocalVM) -> float:
         spec = vmm.spec_from_state(local.dir)
@@ -286,6 +300,9 @@ class Runtime:
         if timing.current() is not None:
             run = _read_json(local.dir / "run.json") or {}
             ready = _read_json(local.dir / "ready") or {}
+            for step, at in (run.get("steps_monotonic") or {}).items():
+                if isinstance(at, (int, float)):
+                    timing.mark(f"sup_{step}", at=at)
             if "started_monotonic" in run:
                 timing.mark("vmm_exec", at=run["started_monotonic"])
             if "monotonic" in ready:

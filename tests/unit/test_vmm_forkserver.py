@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.waits import wait_for
 from mikrom.worker.vmm import base
 from mikrom.worker.vmm.base import Driver, VMSpec, running_pid
 
@@ -88,3 +89,59 @@ def test_a_fork_server_that_died_is_started_again(tmp_path):
         assert base.fork_server()._proc.pid != server.pid
     finally:
         driver.stop(spec.state_dir, timeout=0)
+
+
+def _group(tmp_path: Path) -> dict:
+    """A stand-in host cgroup: directories whose cgroup.procs are plain files, so a join is a
+    write of the pid that can be read back."""
+    root = tmp_path / "cgroup"
+    for name in ("cpu,cpuacct", "memory"):
+        (root / name).mkdir(parents=True)
+        (root / name / "cgroup.procs").write_text("")
+    return {"root": str(root), "parent": "mikrom", "memory_overhead_mib": 64}
+
+
+def _fake_kernel_groups(driver: Driver, spec: VMSpec) -> list[Path]:
+    from mikrom.worker import hostcgroup
+
+    placement = hostcgroup.create(driver.host_cgroup, spec.uid, spec.vcpus, spec.memory_mib)
+    for procs in placement.procs:
+        procs.write_text("")  # what the kernel puts in every new group
+    return placement.procs
+
+
+def test_a_staged_launcher_joins_the_vms_cgroup_before_the_launch_and_starts_the_vmm_only_when_told(tmp_path):
+    driver = ShellDriver(host_cgroup=_group(tmp_path))
+    spec = _spec(tmp_path, "staged")
+    spec.state_dir.mkdir()
+    procs = _fake_kernel_groups(driver, spec)
+    staged = driver.stage(spec.state_dir, spec.uid, spec.vcpus, spec.memory_mib)
+    assert staged is not None
+    launcher = int(wait_for(lambda: procs[0].read_text().strip(), timeout=10, what="the launcher's join"))
+    assert [p.read_text().strip() for p in procs] == [str(launcher)] * 2
+    assert "forkserver.py" in _cmdline(launcher)
+    assert not (spec.state_dir / "run.json").exists() and running_pid(spec.state_dir) is None
+    pid = driver.start(spec, staged=staged)
+    try:
+        driver.wait_ready(spec, timeout=20)
+        run = json.loads((spec.state_dir / "run.json").read_text())
+        assert run["pid"] == pid
+        # the supervisor is the staged launcher's child, so it was born in the group: it was not
+        # told to join it again (it would have written its own pid)
+        assert run["supervisor_pid"] != launcher
+        assert [p.read_text().strip() for p in procs] == [str(launcher)] * 2
+    finally:
+        driver.stop(spec.state_dir, timeout=0)
+
+
+def test_a_staged_launcher_given_up_exits_having_started_nothing(tmp_path):
+    driver = ShellDriver(host_cgroup=_group(tmp_path))
+    spec = _spec(tmp_path, "given-up")
+    spec.state_dir.mkdir()
+    procs = _fake_kernel_groups(driver, spec)
+    staged = driver.stage(spec.state_dir, spec.uid, spec.vcpus, spec.memory_mib)
+    launcher = int(wait_for(lambda: procs[0].read_text().strip(), timeout=10, what="the launcher's join"))
+    staged.close()
+    assert not base._proc_alive(launcher), "close waits for the launcher to exit"
+    assert not (spec.state_dir / "run.json").exists() and not (spec.state_dir / "pid").exists()
+    assert not (spec.state_dir / "console.log").exists()

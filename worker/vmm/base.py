@@ -175,16 +175,22 @@ def prestart_fork_server() -> None:
         server._ensure()
 
 
-def launch_detached(plan: LaunchPlan, state: Path, supervisor_args: list[str]) -> int:
+def launch_detached(plan: LaunchPlan, state: Path, supervisor_args: list[str],
+                    staged: forkserver.Staged | None = None) -> int:
     """Start the supervisor (consolecap.py) that starts the VMM of `plan`, detached from the
     caller, with a clean environment (nothing of the worker's: it holds credentials); return the
     VMM's pid once it runs. `supervisor_args` are further supervisor options (console, cgroup).
 
     The supervisor is forked by the fork server (forkserver.py), which has consolecap imported
-    already; only if that server cannot be reached does a launcher process of its own start it."""
+    already; only if that server cannot be reached does a launcher process of its own start it.
+    With `staged` (Driver.stage), the launcher forked ahead by that server, already in the VM's
+    host cgroup, takes the launch."""
     args = ["--state-dir", str(state), *supervisor_args, *plan.supervisor_args(), "--", *plan.argv]
     try:
-        out = fork_server().launch(args, str(state), timeout=LAUNCH_TIMEOUT)
+        if staged is not None:
+            out = staged.launch(args, timeout=LAUNCH_TIMEOUT)
+        else:
+            out = fork_server().launch(args, str(state), timeout=LAUNCH_TIMEOUT)
         stderr = ""
         if out is None:
             log.warning("the supervisor fork server is unavailable; launching %s with a process of its own",
@@ -455,8 +461,31 @@ class Driver:
     def running_pid(self, state_dir: str | os.PathLike) -> int | None:
         return running_pid(state_dir)
 
-    def start(self, spec: VMSpec) -> int:
-        """Launch the VMM detached and return its pid; if this VM already runs, return its pid."""
+    def stage(self, state_dir: str | os.PathLike, uid: str, vcpus: int, memory_mib: int) -> forkserver.Staged | None:
+        """A launcher for this VM forked ahead of its start, that joins the VM's host cgroup
+        (created here if it is not yet) while the caller prepares the rest (forkserver.py): for
+        `start(spec, staged=...)`, or to be closed. None without a host cgroup or fork server."""
+        if not self.host_cgroup:
+            return None
+        try:
+            placement = hostcgroup.made(self.host_cgroup, uid, vcpus, memory_mib) \
+                or hostcgroup.create(self.host_cgroup, uid, vcpus, memory_mib)
+        except hostcgroup.HostCgroupError as exc:
+            raise VMMStartFailed(str(exc)) from exc
+        namespace = hostcgroup.foreign_cgroup_namespace(self.host_cgroup.namespace)
+        return fork_server().stage(str(Path(state_dir).resolve()), [str(p) for p in placement.procs], namespace)
+
+    def start(self, spec: VMSpec, staged: forkserver.Staged | None = None) -> int:
+        """Launch the VMM detached and return its pid; if this VM already runs, return its pid.
+        `staged` (from `stage`, for the same VM and shape) takes the launch; it is closed in any
+        case."""
+        try:
+            return self._start(spec, staged)
+        finally:
+            if staged is not None:
+                staged.close()
+
+    def _start(self, spec: VMSpec, staged: forkserver.Staged | None) -> int:
         state = spec.state_dir = Path(spec.state_dir).resolve()
         existing = running_pid(state)
         if existing:
@@ -482,15 +511,17 @@ class Driver:
             raise VMMStartFailed(str(exc)) from exc
         timing.mark("launch_plan")
         try:
-            # The supervisor joins the VM's host cgroup before it starts the VMM.
+            # The supervisor joins the VM's host cgroup before it starts the VMM (a staged
+            # launcher has joined it already, and the supervisor it forks is born there).
             cgroup_args = hostcgroup.supervisor_args(self.host_cgroup, spec.uid, spec.vcpus, spec.memory_mib) \
-                if self.host_cgroup else []
+                if self.host_cgroup and staged is None else []
         except hostcgroup.HostCgroupError as exc:
             raise VMMStartFailed(str(exc)) from exc
         timing.mark("host_cgroup")
         decided = ["--start-before", repr(spec.start_before)] if spec.start_before is not None else []
         pid = launch_detached(plan, state, ["--max-bytes", str(self.console_max_bytes),
-                                            "--ready-marker", self.ready_marker, *decided, *cgroup_args])
+                                            "--ready-marker", self.ready_marker, *decided, *cgroup_args],
+                              staged=staged)
         sync_file(state / "vm.json")
         try:
             self._configure(spec, pid)

@@ -21,7 +21,8 @@ time, a second one being told the console is busy (ConsoleRelay). The log is wri
 not a client is attached. It also writes, in the state dir:
 
   pid         the VMM's pid (adoption reads it after a worker restart)
-  run.json    pid, supervisor pid, start time (wall clock and CLOCK_MONOTONIC, which is system-wide)
+  run.json    pid, supervisor pid, start time (wall clock and CLOCK_MONOTONIC, which is system-wide),
+              and when each step of the launch ended (CLOCK_MONOTONIC)
   ready       the time the ready marker first appeared on the console
   exit.json   the VMM's exit status, once it has exited
   fence.json  why the supervisor stopped its VMM by itself (its node's lease expired), if it did
@@ -472,6 +473,7 @@ def _in_use(fd: int) -> bool:
 
 
 def supervise(args: argparse.Namespace, report_fd: int) -> int:
+    args.steps["supervisor"] = time.monotonic()
     state = args.state_dir
     log_path = os.path.join(state, "console.log")
     # The previous boot's log becomes the rotated generation; the new boot starts a fresh file.
@@ -499,6 +501,7 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
     except FileNotFoundError:
         pass
 
+    args.steps["lease_checked"] = time.monotonic()
     try:
         enter_cgroup(args.cgroup_procs, args.cgroupns)
     except OSError as exc:
@@ -515,6 +518,7 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
     except OSError as exc:
         os.write(report_fd, json.dumps({"error": exc.strerror or str(exc)}).encode())
         return 127
+    args.steps["fds_placed"] = time.monotonic()
     drop = {}
     if args.run_as:
         uid, _, gid = args.run_as.partition(":")
@@ -549,7 +553,7 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
 
     write_atomic(os.path.join(state, "pid"), f"{vmm.pid}\n")
     run = {"pid": vmm.pid, "supervisor_pid": os.getpid(), "started_at": started_wall,
-           "started_monotonic": started_mono, "argv": args.argv}
+           "started_monotonic": started_mono, "argv": args.argv, "steps_monotonic": args.steps}
     write_atomic(os.path.join(state, "run.json"), json.dumps(run))
     journal(state, "start", pid=vmm.pid, supervisor_pid=os.getpid(), boottime=started_boot)
     os.write(report_fd, json.dumps(run).encode())
@@ -647,6 +651,7 @@ class LeaseFence:
 
 
 def main(argv: list[str] | None = None) -> int:
+    steps = {"launcher": time.monotonic()}
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--max-bytes", type=int, default=1 << 20)
@@ -668,6 +673,9 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = args.argv[1:]
     if not args.argv:
         parser.error("no VMM command given")
+    # CLOCK_MONOTONIC (system-wide) times of the launch's steps, kept in run.json for the
+    # worker's step timings (worker/timing.py)
+    args.steps = steps
 
     report_r, report_w = os.pipe()
     pid = os.fork()

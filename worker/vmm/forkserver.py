@@ -17,6 +17,13 @@ and writes its one-line JSON report once the VMM runs (or why not), then exits. 
 its children. Everything the supervisor checks before it starts the VMM (the fence lease first of
 all) is consolecap's and unchanged.
 
+A stage request (`{"stage": {"cgroup_procs": [...], "cgroupns": ...}, "cwd": ...}` plus two
+descriptors: the reply channel and a control channel) forks the launcher ahead of the launch: it
+joins the VM's host cgroup at once, while the worker still prepares the rest of the start, and
+then waits on the control channel for `{"argv": [...]}`, the launch itself, sent only once the
+start may go ahead; its supervisor and VMM are born in the group. The control channel's end
+without a request ends it having started nothing.
+
 The server exits when the worker's end closes (the worker stopped or died); supervisors are not
 its children by then, so VMs never depend on it. On the worker's side (`ForkServer`), a server
 that cannot be started or reached makes `launch` return None, and the caller runs the launcher as
@@ -37,9 +44,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 MAX_REQUEST = 256 * 1024
 REPLY_READ = 64 * 1024
+STAGE_WAIT_SECONDS = 3600.0
+"""How long a staged launcher waits for its launch request (the worker closing its end, or
+dying, ends the wait at once)."""
 
 
 # ---------------------------------------------------------------------------------- the server
@@ -59,6 +70,17 @@ def _reply_error(fd: int, message: str) -> None:
         os.write(fd, (json.dumps({"error": message}) + "\n").encode())
     except OSError:
         pass
+
+
+def _valid_stage(request: object) -> tuple[list[str], str | None, str] | None:
+    if not isinstance(request, dict) or not isinstance(request.get("stage"), dict):
+        return None
+    stage, cwd = request["stage"], request.get("cwd")
+    procs, namespace = stage.get("cgroup_procs"), stage.get("cgroupns")
+    if (not isinstance(procs, list) or not all(isinstance(p, str) for p in procs) or not isinstance(cwd, str)
+            or not (namespace is None or isinstance(namespace, str))):
+        return None
+    return procs, namespace, cwd
 
 
 def _valid(request: object) -> tuple[list[str], str] | None:
@@ -94,8 +116,95 @@ def _child(main, argv: list[str], cwd: str, reply: int) -> int:
                 pass
 
 
-def serve(ctl: socket.socket, main) -> None:
-    """Answer launch requests on `ctl` until the worker's end closes."""
+def _staged_child(main, join, procs: list[str], namespace: str | None, cwd: str, reply: int, control: int) -> int:
+    """In the forked child of a stage request: join the VM's host cgroup now (a first write into
+    cgroup.procs can wait a whole RCU grace period, tens of milliseconds), then wait for the launch
+    request on `control` and become the launcher of the VM, whose supervisor and VMM are born in
+    that group. The end of `control` without a request (the start was given up, or the worker
+    went) ends the child having started nothing."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(reply, 1)
+    os.dup2(reply, 2)
+    os.dup2(control, 3)
+    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    try:
+        os.chdir(cwd)
+        join(procs, namespace)
+    except OSError as exc:
+        sys.stdout.write(json.dumps({"error": f"cannot join the VM's host cgroup: {exc}"}) + "\n")
+        sys.stdout.flush()
+        return 127
+    ctl = socket.socket(fileno=3)
+    try:
+        ctl.send(json.dumps({"pid": os.getpid()}).encode())  # in the group: for a give-up to wait on
+    except OSError:
+        return 0
+    if not select.select([ctl], [], [], STAGE_WAIT_SECONDS)[0]:
+        return 0
+    try:
+        msg = ctl.recv(MAX_REQUEST)
+    except OSError:
+        msg = b""
+    ctl.close()
+    if not msg:
+        return 0  # given up: nothing was started
+    try:
+        request = json.loads(msg)
+    except ValueError:
+        request = None
+    argv = request.get("argv") if isinstance(request, dict) else None
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        sys.stdout.write(json.dumps({"error": "malformed launch request"}) + "\n")
+        sys.stdout.flush()
+        return 1
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:  # noqa: BLE001
+        sys.stdout.write(json.dumps({"error": f"launcher failed: {type(exc).__name__}: {exc}"}) + "\n")
+        return 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _stage(main, join, msg: bytes, fds: list[int]) -> None:
+    reply, control = fds
+    try:
+        parsed = _valid_stage(json.loads(msg))
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        _reply_error(reply, "malformed stage request")
+        os.close(reply)
+        os.close(control)
+        return
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        _reply_error(reply, f"cannot fork a launcher: {exc}")
+        os.close(reply)
+        os.close(control)
+        return
+    if pid == 0:
+        code = 1
+        try:
+            code = _staged_child(main, join, *parsed, reply, control)
+        finally:
+            os._exit(code if isinstance(code, int) else 1)
+    os.close(reply)
+    os.close(control)
+
+
+def serve(ctl: socket.socket, main, join=None) -> None:
+    """Answer launch requests on `ctl` until the worker's end closes; `join(cgroup_procs,
+    cgroupns)` joins a host cgroup (consolecap.enter_cgroup) for stage requests."""
     while True:
         _reap()
         try:
@@ -106,6 +215,9 @@ def serve(ctl: socket.socket, main) -> None:
             continue
         if not msg and not fds:
             return  # the worker went away
+        if len(fds) == 2 and join is not None:
+            _stage(main, join, msg, fds)
+            continue
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -140,7 +252,7 @@ def _serve_main() -> int:
     import ctypes  # noqa: F401,PLC0415 - what consolecap imports only when it enters a namespace
 
     ctl = socket.socket(fileno=int(sys.argv[1]))
-    serve(ctl, consolecap.main)
+    serve(ctl, consolecap.main, consolecap.enter_cgroup)
     return 0
 
 
@@ -204,6 +316,30 @@ class ForkServer:
             theirs.close()
             reply.close()
 
+    def stage(self, cwd: str, cgroup_procs: list[str], cgroupns: str | None) -> "Staged | None":
+        """A launcher forked now that joins the VM's host cgroup at once and then waits for its
+        launch request (`Staged.launch`); None if the server could not take the request."""
+        request = json.dumps({"stage": {"cgroup_procs": cgroup_procs, "cgroupns": cgroupns}, "cwd": cwd}).encode()
+        if len(request) > MAX_REQUEST:
+            return None
+        reply, reply_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            for attempt in (1, 2):
+                try:
+                    with self._lock:
+                        socket.send_fds(self._ensure(), [request], [reply_theirs.fileno(), control_theirs.fileno()])
+                    return Staged(reply, control)
+                except OSError:
+                    with self._lock:
+                        self.close()
+            reply.close()
+            control.close()
+            return None
+        finally:
+            reply_theirs.close()
+            control_theirs.close()
+
     def close(self) -> None:
         if self._ctl is not None:
             self._ctl.close()
@@ -216,6 +352,79 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 pass
             self._proc = None
+
+
+class Staged:
+    """A launcher in the VM's host cgroup waiting for its launch request: `launch` once (what
+    `ForkServer.launch` returns), or `close` to give it up (it exits having started nothing)."""
+
+    GIVE_UP_WAIT = 2.0
+    """How long `close` waits for a launcher given up to exit (and so leave the VM's group)."""
+
+    def __init__(self, reply: socket.socket, control: socket.socket):
+        self._reply, self._control = reply, control
+        self._launched = False
+
+    def launch(self, argv: list[str], timeout: float) -> str:
+        """Run consolecap with `argv` in the staged launcher; its output (the report line, or why
+        the launcher could not even get that far)."""
+        try:
+            request = json.dumps({"argv": argv}).encode()
+            if len(request) > MAX_REQUEST:
+                return json.dumps({"error": "the launch request is too large"})
+            self._launched = True
+            try:
+                self._control.send(request)
+            except OSError:
+                pass  # the launcher is gone already: its reply says why
+            self._reply.settimeout(timeout)
+            chunks = []
+            while True:
+                data = self._reply.recv(REPLY_READ)
+                if not data:
+                    break
+                chunks.append(data)
+            return b"".join(chunks).decode(errors="replace")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Give the launcher up unless it was launched; once it has exited (the reply channel's
+        end, at most GIVE_UP_WAIT seconds), its group can be removed."""
+        if self._reply.fileno() < 0:
+            return
+        if self._launched:
+            self._control.close()
+            self._reply.close()
+            return
+        self._launched = True
+        deadline = time.monotonic() + self.GIVE_UP_WAIT
+        pid = None
+        try:
+            self._control.settimeout(self.GIVE_UP_WAIT)
+            pid = json.loads(self._control.recv(REPLY_READ) or b"{}").get("pid")
+        except (OSError, ValueError, AttributeError):
+            pass
+        self._control.close()
+        try:
+            self._reply.settimeout(self.GIVE_UP_WAIT)
+            while self._reply.recv(REPLY_READ):
+                pass
+        except OSError:
+            pass
+        self._reply.close()
+        # its descriptors close before it leaves its cgroup: wait for the exit itself
+        while isinstance(pid, int) and _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` exists and has not exited (a zombie has left its cgroup already)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 if __name__ == "__main__":
