@@ -9,12 +9,16 @@ as before (its `login_via_client`, from the same kubeconfig or in-cluster Servic
 synchronous client) and gets a session whose pool holds at most `API_CONNECTIONS`: further
 requests wait for a free connection, which on loopback or a cluster network costs far less than a
 new TLS handshake. The watch streams hold one connection each, so the bound is well above them.
+
+The session also parses what it reads without `metadata.managedFields` (`slimbodies`).
 """
 
 from __future__ import annotations
 
 import aiohttp
 import kopf
+
+from . import slimbodies
 
 API_CONNECTIONS = 32
 """Connections kopf may hold open to the API server at once (its watch streams included)."""
@@ -25,9 +29,11 @@ async def login(**kwargs) -> kopf.AiohttpSession | None:
     info = kopf.login_via_client(**kwargs)
     if info is None:
         return None
+    slimbodies.install()  # before the first watch stream, which needs this login
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=API_CONNECTIONS, ssl=info.as_ssl_context(),
                                        enable_cleanup_closed=True),
-        headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env)
+        headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env,
+        response_class=slimbodies.SlimResponse)
     return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace,
                                priority=info.priority, expiration=info.expiration)
