@@ -22,7 +22,7 @@ import kopf
 
 from mikrom import metrics, names
 
-from . import apisession, cordons, nodes, pools, scheduler, startup, sweep, vms
+from . import apisession, cordons, gctuning, nodes, pools, scheduler, startup, sweep, vms
 from .collector import OperatorCollector
 from .dispatch import NOTES, DispatchRetry
 from .state import SETTINGS, STATE
@@ -48,6 +48,7 @@ async def operator_startup(settings: kopf.OperatorSettings, **_) -> None:
     STATE.waker = scheduler.SWEEPER.wake
     await asyncio.get_running_loop().run_in_executor(settings.execution.executor, startup.ensure_peering,
                                                      settings, SETTINGS)
+    log.info("garbage collector: %d objects alive at startup frozen", gctuning.freeze())
 
 
 @kopf.on.login()
