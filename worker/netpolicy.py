@@ -34,6 +34,8 @@ import json
 import logging
 import re
 import shutil
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -430,6 +432,50 @@ def _apply(script: str, netns: str | None) -> None:
     run(["nft", "-f", "-"], netns, stdin=script)
 
 
+# This process's copy of the per-VM elements of `bridge mikrom`, by network namespace: as it last
+# listed them, with every change it made since. Only the node's worker changes them, so a VM's
+# entry can be planned from the copy and applied in one `nft -f` (no listing first, which costs a
+# second command and a parse of every VM's elements). A copy found wrong (the transaction fails:
+# an element to delete is not there, a key holds another value) is dropped and the table is
+# listed again; a copy older than KNOWN_TTL_SECONDS is listed again anyway, so a change made by
+# hand is seen within that time.
+KNOWN_TTL_SECONDS = 60.0
+_known: dict[str | None, tuple[float, Elements, dict[str, str]]] = {}
+_known_lock = threading.Lock()
+"""Held across every change of the per-VM elements made through this module, with its listing."""
+
+
+def _known_copy(netns: str | None) -> tuple[Elements, dict[str, str]] | None:
+    at, elements, namespaces = _known.get(netns, (0.0, None, None))
+    if elements is None or time.monotonic() - at > KNOWN_TTL_SECONDS:
+        return None
+    return {k: set(v) for k, v in elements.items()}, dict(namespaces)
+
+
+def _remember(netns: str | None, elements: Elements, namespaces: dict[str, str], add: Elements,
+              delete: Elements, at: float) -> None:
+    """Record the elements as listed at `at`, with `delete` and then `add` applied."""
+    elements = {k: set(v) for k, v in elements.items()}
+    namespaces = dict(namespaces)
+    for name in VM_SETS:
+        elements.setdefault(name, set())
+        elements[name] -= delete.get(name, set())
+        elements[name] |= add.get(name, set())
+    for tap, _ in delete.get(NS_MAP, ()):
+        namespaces.pop(tap, None)
+    _known[netns] = (at, elements, namespaces)
+
+
+def _added_namespaces(add: Elements, labels: dict[str, str]) -> dict[str, str]:
+    return {tap: labels.get(tap, "").split("/", 1)[0] for tap, _ in add.get(NS_MAP, ())}
+
+
+def forget_known(netns: str | None = None) -> None:
+    """Drop this process's copy of the elements (the next change lists the table first)."""
+    with _known_lock:
+        _known.pop(netns, None)
+
+
 def ensure_tables(config: PolicyConfig, netns: str | None = None) -> bool:
     """Make both tables match `config` (or, when the policy is disabled, remove them). True if
     anything changed. A node without `nft` cannot isolate its VMs, which is an error."""
@@ -441,11 +487,13 @@ def ensure_tables(config: PolicyConfig, netns: str | None = None) -> bool:
     listings = {family: list_table(family, netns) for family in FAMILIES}
     if not config.enabled:
         gone = [family for family, listing in listings.items() if listing is not None]
+        forget_known(netns)
         for family in gone:
             run(["nft", "delete", "table", family, TABLE], netns)
         return bool(gone)
     if is_current(config, listings["bridge"], listings["inet"]):
         return False
+    forget_known(netns)  # a new table has no elements yet
     _apply(render_tables(config), netns)
     return True
 
@@ -456,24 +504,58 @@ def sync(entries: Iterable[VMEntry], netns: str | None = None, prune: bool = Fal
     id collides is left unconnected and logged rather than failing the rest). True if anything
     changed. Needs the tables (ensure_tables)."""
     entries = list(entries)
+    with _known_lock:
+        return _sync(entries, netns, prune)
+
+
+def _labels(entries: list[VMEntry]) -> dict[str, str]:
+    return {e.tap: f"{e.namespace}/{e.name}" if e.name else e.namespace for e in entries}
+
+
+def _sync(entries: list[VMEntry], netns: str | None, prune: bool) -> bool:
+    _known.pop(netns, None)
+    at = time.monotonic()
     listing = list_table("bridge", netns)
     if listing is None:
         raise NetdevError(f"the table bridge {TABLE} is missing: the VM network policy is not set up")
-    add, delete, conflicts = plan(*parse_elements(listing), entries, prune)
+    elements, namespaces = parse_elements(listing)
+    add, delete, conflicts = plan(elements, namespaces, entries, prune)
     for entry in conflicts:
         log.warning("VM %s/%s is not connected: %s", entry.namespace, entry.name,
                     "its namespace id is shared with another namespace on this node")
-    script = render_changes(add, delete, {e.tap: f"{e.namespace}/{e.name}" if e.name else e.namespace
-                                          for e in entries})
-    if not script:
-        return False
-    _apply(script, netns)
-    return True
+    labels = _labels(entries)
+    script = render_changes(add, delete, labels)
+    if script:
+        _apply(script, netns)
+    _remember(netns, elements, {**namespaces, **_added_namespaces(add, labels)}, add, delete, at)
+    return bool(script)
 
 
 def ensure_vm(entry: VMEntry, netns: str | None = None) -> bool:
-    """Give one VM its elements (replacing stale ones of its tap); other taps are left alone."""
-    return sync([entry], netns)
+    """Give one VM its elements (replacing stale ones of its tap); other taps are left alone.
+
+    Planned from this process's copy of the elements when it has a fresh one (one `nft -f`, whose
+    transaction fails as a whole if the copy was wrong: then listed and planned again)."""
+    with _known_lock:
+        known = _known_copy(netns)
+        if known is not None:
+            at = time.monotonic()
+            elements, namespaces = known
+            try:
+                add, delete, _ = plan(elements, namespaces, [entry], prune=False)
+                labels = _labels([entry])
+                script = render_changes(add, delete, labels)
+                if script:
+                    _apply(script, netns)
+            except NetworkPolicyConflict:
+                pass  # refused only after a look at the table itself, below
+            except NetdevError as exc:
+                log.info("the policy entry of %s was planned from an outdated copy of the table (%s); "
+                         "listing it again", entry.tap, exc)
+            else:
+                _remember(netns, elements, {**namespaces, **_added_namespaces(add, labels)}, add, delete, at)
+                return bool(script)
+        return _sync([entry], netns, prune=False)
 
 
 def remove_vm(tap: str, netns: str | None = None, attempts: int = 3) -> bool:
@@ -481,21 +563,25 @@ def remove_vm(tap: str, netns: str | None = None, attempts: int = 3) -> bool:
     if not shutil.which("nft"):
         return False
     for attempt in range(1, attempts + 1):
-        listing = list_table("bridge", netns)
-        if listing is None:
-            return False
-        elements, _ = parse_elements(listing)
-        delete = {name: {e for e in items if e[0] == tap} for name, items in elements.items()}
-        script = render_changes({}, delete)
-        if not script:
-            return False
-        try:
-            _apply(script, netns)
-            return True
-        except NetdevError:
-            # another removal of the same tap (an orphan sweep) may have won the race: look again
-            if attempt == attempts:
-                raise
+        with _known_lock:
+            _known.pop(netns, None)
+            at = time.monotonic()
+            listing = list_table("bridge", netns)
+            if listing is None:
+                return False
+            elements, namespaces = parse_elements(listing)
+            delete = {name: {e for e in items if e[0] == tap} for name, items in elements.items()}
+            script = render_changes({}, delete)
+            try:
+                if script:
+                    _apply(script, netns)
+            except NetdevError:
+                # another removal of the same tap (an orphan sweep) may have won the race: look again
+                if attempt == attempts:
+                    raise
+                continue
+            _remember(netns, elements, namespaces, {}, delete, at)
+            return bool(script)
     return False
 
 
