@@ -211,11 +211,15 @@ class Reconciler:
         # the lease as it stands before the guarded write that confirms the placement: the VMM may
         # start only under it (see VMSpec.start_before), not under one renewed after a stall
         start_before = lease.deadline(self.runtime.vms_dir)
-        steps = {"provisioning": lambda: self._write(vm, Phase.PROVISIONING.value, "Provisioning",
-                                                     f"starting on {self.ctx.node}", {"vmm": vmm_name},
-                                                     guard=True, defer_events=deferred)}
+        # in the order they start: the network first, whose address and tap commands are the
+        # longest chain, then the write, whose request is the most work for this process before it
+        # waits (the images run first, in this greenlet, and are quick)
+        steps = {}
         if spec.get("network"):
             steps["network"] = lambda: self._network(vm, local, vmm_name)
+        steps["provisioning"] = lambda: self._write(vm, Phase.PROVISIONING.value, "Provisioning",
+                                                    f"starting on {self.ctx.node}", {"vmm": vmm_name},
+                                                    guard=True, defer_events=deferred)
         steps["vmm"] = lambda: self._vmm(vmm_name, local, int(spec.get("vcpus", 1)), int(spec.get("memoryMiB", 512)))
         steps["images"] = lambda: self._images(spec, local)
         out = concurrently.run(**steps)
