@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
 STORAGE_PREFIX = names.OPERATOR_STORAGE_PREFIX
+IDLE_WORKER_SECONDS = 5.0
+"""Seconds kopf's worker task for one object outlives that object's last watch event."""
 SWITCH_INTERVAL = 0.001
 """Seconds between the interpreter's thread switches (default 0.005)."""
 DIFF_BASE_REMEMBERED = 200000
@@ -93,8 +95,13 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
     # any more (`batching.batch_window` is deprecated and ignored), so there is no window to
     # shorten; `batching.worker_limit` stays unlimited (one worker task per object: a burst of new
     # VMs is handled side by side, up to the thread pool). An object's worker task stays this long
-    # after its last event (default 5 s), so the events that follow a create reuse it.
-    kopf_settings.queueing.idle_timeout = 30.0
+    # after its last event, so the events that follow a create (our status write, kopf's finalizer,
+    # within a second) reuse it. No longer: an idle worker holds its object's last watch event, its
+    # queue and its task, and with 30 s a burst of 1,000 new VMs kept all 1,000 alive together
+    # (some 7 MiB that the allocator keeps once the burst is over). A later event (the node's
+    # status writes) starts a new worker, which costs no API call; kopf keeps a worker past this
+    # while it waits for its own patch to come back (`consistency_timeout`).
+    kopf_settings.queueing.idle_timeout = IDLE_WORKER_SECONDS
     # A handler thread whose API or Redis answer has arrived waits for the interpreter lock while
     # the event loop parses watch events; at the default 5 ms per hand-over, the few hand-overs of
     # one write and one send added tens of milliseconds under load.
