@@ -126,10 +126,13 @@ def test_a_staged_launcher_joins_the_vms_cgroup_before_the_launch_and_starts_the
         driver.wait_ready(spec, timeout=20)
         run = json.loads((spec.state_dir / "run.json").read_text())
         assert run["pid"] == pid
-        # the supervisor is the staged launcher's child, so it was born in the group: it was not
-        # told to join it again (it would have written its own pid)
-        assert run["supervisor_pid"] != launcher
+        # the staged launcher became the supervisor (no fork of a launcher): in the group from the
+        # start, it was not told to join it again (nothing else wrote a pid), and it is detached
+        assert run["supervisor_pid"] == launcher
         assert [p.read_text().strip() for p in procs] == [str(launcher)] * 2
+        assert base.is_supervisor(launcher, spec.state_dir.resolve())
+        ppid = int(Path(f"/proc/{launcher}/stat").read_text().rpartition(")")[2].split()[1])
+        assert ppid == base.fork_server()._proc.pid
     finally:
         driver.stop(spec.state_dir, timeout=0)
 

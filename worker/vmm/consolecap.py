@@ -9,6 +9,9 @@ or as the command above when the fork server cannot be reached. The process tree
     worker ──(exits at once)── launcher
     supervisor (this file, forked, orphaned) ── VMM
 
+(or, for a launcher the fork server staged ahead of the launch, `supervise_in_place`: that child,
+detached already, is the supervisor itself, one fork fewer on the way to the VMM).
+
 The launcher forks the supervisor and exits as soon as the VMM runs, so the worker reaps its only
 child right away and never collects zombies, and a worker that is killed leaves the VM untouched.
 The supervisor is the VMM's parent: it reaps the VMM (so a stopped VMM never lingers as a zombie),
@@ -650,8 +653,7 @@ class LeaseFence:
                 pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    steps = {"launcher": time.monotonic()}
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state-dir", required=True)
     parser.add_argument("--max-bytes", type=int, default=1 << 20)
@@ -673,6 +675,12 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = args.argv[1:]
     if not args.argv:
         parser.error("no VMM command given")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    steps = {"launcher": time.monotonic()}
+    args = parse_args(argv)
     # CLOCK_MONOTONIC (system-wide) times of the launch's steps, kept in run.json for the
     # worker's step timings (worker/timing.py)
     args.steps = steps
@@ -711,6 +719,32 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(report + "\n")
     sys.stdout.flush()
     return 0 if '"pid"' in report else 1
+
+
+def supervise_in_place(argv: list[str]) -> int:
+    """Be the supervisor in this process, without a launcher forking it: for a process that is
+    detached already (a staged child of the worker's fork server, in a session of its own). The
+    report goes to stdout, which is the only descriptor left on it afterwards, so whoever reads it
+    sees its end once the VMM runs (or why not); the VMM's exit ends this process."""
+    steps = {"launcher": time.monotonic()}
+    args = parse_args(argv)
+    args.steps = steps
+    report_w = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return supervise(args, report_w)
+    except BaseException:  # noqa: BLE001 - last resort: leave the reason where the worker looks
+        try:
+            write_atomic(os.path.join(args.state_dir, "exit.json"),
+                         json.dumps({"returncode": None, "supervisor_error": traceback.format_exc()}))
+        except OSError:
+            pass
+        return 1
 
 
 if __name__ == "__main__":

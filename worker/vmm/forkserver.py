@@ -21,7 +21,8 @@ A stage request (`{"stage": {"cgroup_procs": [...], "cgroupns": ...}, "cwd": ...
 descriptors: the reply channel and a control channel) forks the launcher ahead of the launch: it
 joins the VM's host cgroup at once, while the worker still prepares the rest of the start, and
 then waits on the control channel for `{"argv": [...]}`, the launch itself, sent only once the
-start may go ahead; its supervisor and VMM are born in the group. The control channel's end
+start may go ahead, and becomes the supervisor (no launcher to fork one: it is detached already),
+which starts the VMM in the group. Such a supervisor is the server's child until the server exits. The control channel's end
 without a request ends it having started nothing.
 
 The server exits when the worker's end closes (the worker stopped or died); supervisors are not
@@ -116,11 +117,11 @@ def _child(main, argv: list[str], cwd: str, reply: int) -> int:
                 pass
 
 
-def _staged_child(main, join, procs: list[str], namespace: str | None, cwd: str, reply: int, control: int) -> int:
+def _staged_child(supervise, join, procs: list[str], namespace: str | None, cwd: str, reply: int, control: int) -> int:
     """In the forked child of a stage request: join the VM's host cgroup now (a first write into
     cgroup.procs can wait a whole RCU grace period, tens of milliseconds), then wait for the launch
-    request on `control` and become the launcher of the VM, whose supervisor and VMM are born in
-    that group. The end of `control` without a request (the start was given up, or the worker
+    request on `control` and become the VM's supervisor (consolecap.supervise_in_place: it is
+    detached already, so no launcher forks one), born in that group like the VMM it starts. The end of `control` without a request (the start was given up, or the worker
     went) ends the child having started nothing."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -160,7 +161,7 @@ def _staged_child(main, join, procs: list[str], namespace: str | None, cwd: str,
         sys.stdout.flush()
         return 1
     try:
-        return main(argv)
+        return supervise(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # noqa: BLE001
@@ -174,7 +175,7 @@ def _staged_child(main, join, procs: list[str], namespace: str | None, cwd: str,
                 pass
 
 
-def _stage(main, join, msg: bytes, fds: list[int]) -> None:
+def _stage(supervise, join, msg: bytes, fds: list[int]) -> None:
     reply, control = fds
     try:
         parsed = _valid_stage(json.loads(msg))
@@ -195,16 +196,17 @@ def _stage(main, join, msg: bytes, fds: list[int]) -> None:
     if pid == 0:
         code = 1
         try:
-            code = _staged_child(main, join, *parsed, reply, control)
+            code = _staged_child(supervise, join, *parsed, reply, control)
         finally:
             os._exit(code if isinstance(code, int) else 1)
     os.close(reply)
     os.close(control)
 
 
-def serve(ctl: socket.socket, main, join=None) -> None:
-    """Answer launch requests on `ctl` until the worker's end closes; `join(cgroup_procs,
-    cgroupns)` joins a host cgroup (consolecap.enter_cgroup) for stage requests."""
+def serve(ctl: socket.socket, main, join=None, supervise=None) -> None:
+    """Answer launch requests on `ctl` until the worker's end closes; stage requests need
+    `join(cgroup_procs, cgroupns)`, which joins a host cgroup (consolecap.enter_cgroup), and
+    `supervise(argv)`, the supervisor in place (consolecap.supervise_in_place)."""
     while True:
         _reap()
         try:
@@ -215,8 +217,8 @@ def serve(ctl: socket.socket, main, join=None) -> None:
             continue
         if not msg and not fds:
             return  # the worker went away
-        if len(fds) == 2 and join is not None:
-            _stage(main, join, msg, fds)
+        if len(fds) == 2 and join is not None and supervise is not None:
+            _stage(supervise, join, msg, fds)
             continue
         if len(fds) != 1:
             for fd in fds:
@@ -251,8 +253,12 @@ def _serve_main() -> int:
     import consolecap  # noqa: PLC0415 - imported once here, before any request
     import ctypes  # noqa: F401,PLC0415 - what consolecap imports only when it enters a namespace
 
+    # argparse's first parse imports and compiles what it needs (milliseconds): done here once, not
+    # in every child on its way to the VMM
+    consolecap.parse_args(["--state-dir", "/", "--fd", "100=read:/", "--", "true"])
+
     ctl = socket.socket(fileno=int(sys.argv[1]))
-    serve(ctl, consolecap.main, consolecap.enter_cgroup)
+    serve(ctl, consolecap.main, consolecap.enter_cgroup, consolecap.supervise_in_place)
     return 0
 
 
