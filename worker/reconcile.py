@@ -193,8 +193,9 @@ class Reconciler:
         address, tap and policy entry, the VMM's uid and host cgroup (with the VM's launcher
         forked ahead into it, waiting for the launch), and the images (checked, downloaded, the
         VM's own rootfs copied). All end before anything else happens, and the VMM starts only if
-        all succeeded (otherwise the waiting launcher exits having started nothing). A VM that never ran loses what the other steps made
-        when its images fail, so a refused or corrupt image leaves nothing behind on the node.
+        all succeeded (otherwise the waiting launcher exits having started nothing). A VM that
+        never ran loses what the other steps made when its images fail, so a refused or corrupt
+        image leaves nothing behind on the node.
         """
         spec = vm["spec"]
         vmm_name = spec.get("vmm") or self.runtime.default_vmm()
