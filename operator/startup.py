@@ -16,6 +16,8 @@ from kubernetes.client.rest import ApiException
 from mikrom import kube, names
 from mikrom.settings import Settings
 
+from . import malloctune
+
 log = logging.getLogger(__name__)
 
 PEERING_GROUP, PEERING_VERSION = "kopf.dev", "v1"
@@ -106,6 +108,8 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
     # the event loop parses watch events; at the default 5 ms per hand-over, the few hand-overs of
     # one write and one send added tens of milliseconds under load.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    # Memory: large blocks (TLS buffers, watch chunks) given back once a burst is over.
+    malloctune.fix_mmap_threshold()
     kopf_settings.execution.max_workers = settings.operator_workers
     kopf_settings.execution.default_backoff = max(1.0, settings.reconcile_interval_seconds)
     kopf_settings.posting.enabled = False  # the operator records its own Events, one per transition
