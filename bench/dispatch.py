@@ -21,7 +21,7 @@ queue in Redis", in two phases:
   has no timers to disturb the second), then Mikrom's: p50, p95, max, how long after the last create
   was accepted the last message arrived, and messages missing or duplicated.
 
-    .venv/bin/python bench/dispatch.py [--single 40] [--gap 0.25] [--count 200] [--clients 8] [--nodes 4]
+    .venv/bin/python bench/dispatch.py [--single 60] [--gap 0.25] [--count 200] [--clients 8] [--nodes 4]
 
 One self-contained command (it starts and stops everything it uses); it prints the load average
 at its start and end, since other work on the machine moves every figure.
@@ -102,7 +102,7 @@ def figures(worker, accepted: dict[str, float]) -> Figures:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--single", type=int, default=40, help="MicroVMs per operator created one at a time")
+    parser.add_argument("--single", type=int, default=60, help="MicroVMs per operator created one at a time")
     parser.add_argument("--gap", type=float, default=0.25,
                         help="seconds between a single create's message and the next create")
     parser.add_argument("--count", type=int, default=200, help="MicroVMs per operator in the burst (0: none)")
