@@ -80,6 +80,7 @@ demo-down:
 bench: deps
 	$(PY) bench/dispatch.py
 	$(PY) bench/boot.py
+	$(PY) bench/scale.py --nodes 20
 
 clean:
 	rm -rf $(VENV) .test-artifacts build *.egg-info
