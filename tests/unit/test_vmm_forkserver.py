@@ -110,14 +110,21 @@ def _fake_kernel_groups(driver: Driver, spec: VMSpec) -> list[Path]:
     return placement.procs
 
 
-def test_a_staged_launcher_joins_the_vms_cgroup_before_the_launch_and_starts_the_vmm_only_when_told(tmp_path):
+def _staged(tmp_path: Path, name: str):
+    """A VM's launcher staged in its (fake) host cgroup; the driver, spec, groups, handle and the
+    launcher's pid once it joined."""
     driver = ShellDriver(host_cgroup=_group(tmp_path))
-    spec = _spec(tmp_path, "staged")
+    spec = _spec(tmp_path, name)
     spec.state_dir.mkdir()
     procs = _fake_kernel_groups(driver, spec)
     staged = driver.stage(spec.state_dir, spec.uid, spec.vcpus, spec.memory_mib)
     assert staged is not None
     launcher = int(wait_for(lambda: procs[0].read_text().strip(), timeout=10, what="the launcher's join"))
+    return driver, spec, procs, staged, launcher
+
+
+def test_a_staged_launcher_joins_the_vms_cgroup_before_the_launch_and_starts_the_vmm_only_when_told(tmp_path):
+    driver, spec, procs, staged, launcher = _staged(tmp_path, "staged")
     assert [p.read_text().strip() for p in procs] == [str(launcher)] * 2
     assert "forkserver.py" in _cmdline(launcher)
     assert not (spec.state_dir / "run.json").exists() and running_pid(spec.state_dir) is None
@@ -138,13 +145,40 @@ def test_a_staged_launcher_joins_the_vms_cgroup_before_the_launch_and_starts_the
 
 
 def test_a_staged_launcher_given_up_exits_having_started_nothing(tmp_path):
-    driver = ShellDriver(host_cgroup=_group(tmp_path))
-    spec = _spec(tmp_path, "given-up")
-    spec.state_dir.mkdir()
-    procs = _fake_kernel_groups(driver, spec)
-    staged = driver.stage(spec.state_dir, spec.uid, spec.vcpus, spec.memory_mib)
-    launcher = int(wait_for(lambda: procs[0].read_text().strip(), timeout=10, what="the launcher's join"))
+    _driver, spec, _procs, staged, launcher = _staged(tmp_path, "given-up")
     staged.close()
     assert not base._proc_alive(launcher), "close waits for the launcher to exit"
     assert not (spec.state_dir / "run.json").exists() and not (spec.state_dir / "pid").exists()
     assert not (spec.state_dir / "console.log").exists()
+
+
+@pytest.mark.parametrize("fds,request_body,refusal", [
+    (1, b'{"argv": "not a list", "cwd": "/"}', "malformed launch request"),
+    (2, b'{"stage": {"cgroup_procs": [1]}, "cwd": "/"}', "malformed stage request"),
+    (1, b"not json", "malformed launch request"),
+])
+def test_a_malformed_request_is_answered_on_its_reply_channel_and_forks_nothing(fds, request_body, refusal):
+    import socket
+    import threading
+
+    from mikrom.worker.vmm import forkserver
+
+    forked = []
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server = threading.Thread(target=forkserver.serve, args=(theirs, forked.append, forked.append, forked.append))
+    server.start()
+    channels = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(fds)]
+    try:
+        socket.send_fds(ours, [request_body], [far.fileno() for _near, far in channels])
+        for _near, far in channels:
+            far.close()
+        reply = channels[0][0]
+        reply.settimeout(10)
+        assert json.loads(reply.recv(65536)) == {"error": refusal}
+        assert reply.recv(65536) == b""  # the server kept no copy of the channel
+    finally:
+        ours.close()  # the worker's end: the server returns
+        server.join(10)
+        for near, _far in channels:
+            near.close()
+    assert not server.is_alive() and forked == []

@@ -678,35 +678,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def _launch_args(argv: list[str] | None):
     steps = {"launcher": time.monotonic()}
     args = parse_args(argv)
     # CLOCK_MONOTONIC (system-wide) times of the launch's steps, kept in run.json for the
     # worker's step timings (worker/timing.py)
     args.steps = steps
+    return args
 
+
+def _supervise_detached(args, report_w: int) -> int:
+    """`supervise` with nothing of its starter's left on descriptors 0-2 (or the starter would wait
+    for an end that never comes) and deaf to a hang-up or a Ctrl-C aimed at whoever started it, so
+    the VM outlives both; a failure is left where the worker looks."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return supervise(args, report_w)
+    except BaseException:  # noqa: BLE001 - last resort: leave the reason where the worker looks
+        try:
+            write_atomic(os.path.join(args.state_dir, "exit.json"),
+                         json.dumps({"returncode": None, "supervisor_error": traceback.format_exc()}))
+        except OSError:
+            pass
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _launch_args(argv)
     report_r, report_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(report_r)
-        # Nothing may keep the launcher's stdout (the worker's pipe) open, or the worker would
-        # wait for an EOF that never comes.
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        # The VM must outlive a terminal hang-up or a Ctrl-C aimed at whoever started it.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         code = 1
         try:
-            code = supervise(args, report_w)
-        except BaseException:  # noqa: BLE001 - last resort: leave the reason where the worker looks
-            try:
-                write_atomic(os.path.join(args.state_dir, "exit.json"),
-                             json.dumps({"returncode": None, "supervisor_error": traceback.format_exc()}))
-            except OSError:
-                pass
-        os._exit(code)
+            code = _supervise_detached(args, report_w)
+        finally:
+            os._exit(code)
 
     os.close(report_w)
     chunks = []
@@ -726,25 +739,8 @@ def supervise_in_place(argv: list[str]) -> int:
     detached already (a staged child of the worker's fork server, in a session of its own). The
     report goes to stdout, which is the only descriptor left on it afterwards, so whoever reads it
     sees its end once the VMM runs (or why not); the VMM's exit ends this process."""
-    steps = {"launcher": time.monotonic()}
-    args = parse_args(argv)
-    args.steps = steps
-    report_w = os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return supervise(args, report_w)
-    except BaseException:  # noqa: BLE001 - last resort: leave the reason where the worker looks
-        try:
-            write_atomic(os.path.join(args.state_dir, "exit.json"),
-                         json.dumps({"returncode": None, "supervisor_error": traceback.format_exc()}))
-        except OSError:
-            pass
-        return 1
+    args = _launch_args(argv)
+    return _supervise_detached(args, os.dup(1))
 
 
 if __name__ == "__main__":

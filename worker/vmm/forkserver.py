@@ -93,20 +93,28 @@ def _valid(request: object) -> tuple[list[str], str] | None:
     return argv, cwd
 
 
-def _child(main, argv: list[str], cwd: str, reply: int) -> int:
-    """In the forked child: become the launcher of one VM."""
+def _detach(reply: int, control: int | None = None) -> None:
+    """In a forked child: a session of its own, /dev/null as stdin, the reply channel as stdout and
+    stderr, the control channel (if any) as descriptor 3, and nothing else open (the server's
+    socket, the channels' original numbers)."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(reply, 1)
     os.dup2(reply, 2)
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the server's socket, the reply's original number
+    if control is not None:
+        os.dup2(control, 3)
+    os.closerange(3 if control is None else 4, os.sysconf("SC_OPEN_MAX"))
+
+
+def _run_reported(run, argv: list[str]) -> int:
+    """`run(argv)`'s exit code; what kept it from running is reported on the reply channel, like a
+    launcher's stderr."""
     try:
-        os.chdir(cwd)
-        return main(argv)
+        return run(argv)
     except SystemExit as exc:  # argparse's refusal
         return exc.code if isinstance(exc.code, int) else 1
-    except BaseException as exc:  # noqa: BLE001 - reported on the reply channel, like a launcher's stderr
+    except BaseException as exc:  # noqa: BLE001 - reported on the reply channel
         sys.stdout.write(json.dumps({"error": f"launcher failed: {type(exc).__name__}: {exc}"}) + "\n")
         return 1
     finally:
@@ -117,19 +125,25 @@ def _child(main, argv: list[str], cwd: str, reply: int) -> int:
                 pass
 
 
+def _child(main, argv: list[str], cwd: str, reply: int) -> int:
+    """In the forked child: become the launcher of one VM."""
+    _detach(reply)
+
+    def run(argv: list[str]) -> int:
+        os.chdir(cwd)
+        return main(argv)
+
+    return _run_reported(run, argv)
+
+
 def _staged_child(supervise, join, procs: list[str], namespace: str | None, cwd: str, reply: int, control: int) -> int:
     """In the forked child of a stage request: join the VM's host cgroup now (a first write into
     cgroup.procs can wait a whole RCU grace period, tens of milliseconds), then wait for the launch
     request on `control` and become the VM's supervisor (consolecap.supervise_in_place: it is
-    detached already, so no launcher forks one), born in that group like the VMM it starts. The end of `control` without a request (the start was given up, or the worker
-    went) ends the child having started nothing."""
-    os.setsid()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(reply, 1)
-    os.dup2(reply, 2)
-    os.dup2(control, 3)
-    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    detached already, so no launcher forks one), born in that group like the VMM it starts. The
+    end of `control` without a request (the start was given up, or the worker went) ends the
+    child having started nothing."""
+    _detach(reply, control)
     try:
         os.chdir(cwd)
         join(procs, namespace)
@@ -160,47 +174,36 @@ def _staged_child(supervise, join, procs: list[str], namespace: str | None, cwd:
         sys.stdout.write(json.dumps({"error": "malformed launch request"}) + "\n")
         sys.stdout.flush()
         return 1
-    try:
-        return supervise(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 1
-    except BaseException as exc:  # noqa: BLE001
-        sys.stdout.write(json.dumps({"error": f"launcher failed: {type(exc).__name__}: {exc}"}) + "\n")
-        return 1
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+    return _run_reported(supervise, argv)
 
 
-def _stage(supervise, join, msg: bytes, fds: list[int]) -> None:
-    reply, control = fds
+def _parsed(valid, msg: bytes):
     try:
-        parsed = _valid_stage(json.loads(msg))
+        return valid(json.loads(msg))
     except ValueError:
-        parsed = None
-    if parsed is None:
-        _reply_error(reply, "malformed stage request")
-        os.close(reply)
-        os.close(control)
-        return
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        _reply_error(reply, f"cannot fork a launcher: {exc}")
-        os.close(reply)
-        os.close(control)
-        return
-    if pid == 0:
-        code = 1
+        return None
+
+
+def _fork_child(fds: list[int], child, refusal: str | None = None) -> None:
+    """Fork a child running `child()` (its return value the exit code), or, with `refusal`, answer
+    that on the reply channel (`fds[0]`) instead; the request's descriptors are the child's alone
+    after this."""
+    if refusal is None:
         try:
-            code = _staged_child(supervise, join, *parsed, reply, control)
-        finally:
-            os._exit(code if isinstance(code, int) else 1)
-    os.close(reply)
-    os.close(control)
+            pid = os.fork()
+        except OSError as exc:
+            refusal = f"cannot fork a launcher: {exc}"
+        else:
+            if pid == 0:
+                code = 1
+                try:
+                    code = child()
+                finally:
+                    os._exit(code if isinstance(code, int) else 1)
+    if refusal is not None:
+        _reply_error(fds[0], refusal)
+    for fd in fds:
+        os.close(fd)
 
 
 def serve(ctl: socket.socket, main, join=None, supervise=None) -> None:
@@ -218,34 +221,16 @@ def serve(ctl: socket.socket, main, join=None, supervise=None) -> None:
         if not msg and not fds:
             return  # the worker went away
         if len(fds) == 2 and join is not None and supervise is not None:
-            _stage(supervise, join, msg, fds)
-            continue
-        if len(fds) != 1:
+            stage = _parsed(_valid_stage, msg)
+            _fork_child(fds, lambda: _staged_child(supervise, join, *stage, *fds),
+                        None if stage is not None else "malformed stage request")
+        elif len(fds) == 1:
+            launch = _parsed(_valid, msg)
+            _fork_child(fds, lambda: _child(main, *launch, fds[0]),
+                        None if launch is not None else "malformed launch request")
+        else:
             for fd in fds:
                 os.close(fd)
-            continue
-        reply = fds[0]
-        try:
-            parsed = _valid(json.loads(msg))
-        except ValueError:
-            parsed = None
-        if parsed is None:
-            _reply_error(reply, "malformed launch request")
-            os.close(reply)
-            continue
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            _reply_error(reply, f"cannot fork a launcher: {exc}")
-            os.close(reply)
-            continue
-        if pid == 0:
-            code = 1
-            try:
-                code = _child(main, *parsed, reply)
-            finally:
-                os._exit(code if isinstance(code, int) else 1)
-        os.close(reply)
 
 
 def _serve_main() -> int:
@@ -291,6 +276,19 @@ class ForkServer:
         self._ctl = ours
         return ours
 
+    def _send(self, request: bytes, fds: list[int]) -> bool:
+        """Hand the server one request with its descriptors; a server dead or wedged is started
+        again once. False if it still could not take it (nothing was started then)."""
+        for _ in (1, 2):
+            try:
+                with self._lock:
+                    socket.send_fds(self._ensure(), [request], fds)
+                return True
+            except OSError:
+                with self._lock:
+                    self.close()
+        return False
+
     def launch(self, argv: list[str], cwd: str, timeout: float) -> str | None:
         """Run consolecap with `argv` in `cwd` through the server; its output (the report line),
         or None if the server could not take the request (nothing was started then)."""
@@ -299,25 +297,9 @@ class ForkServer:
             return None
         reply, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            for attempt in (1, 2):
-                try:
-                    with self._lock:
-                        socket.send_fds(self._ensure(), [request], [theirs.fileno()])
-                    break
-                except OSError:
-                    with self._lock:
-                        self.close()  # dead or wedged: the next attempt starts a new one
-                    if attempt == 2:
-                        return None
+            sent = self._send(request, [theirs.fileno()])
             theirs.close()
-            reply.settimeout(timeout)
-            chunks = []
-            while True:
-                data = reply.recv(REPLY_READ)
-                if not data:
-                    break
-                chunks.append(data)
-            return b"".join(chunks).decode(errors="replace")
+            return _read_to_end(reply, timeout) if sent else None
         finally:
             theirs.close()
             reply.close()
@@ -331,14 +313,8 @@ class ForkServer:
         reply, reply_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         control, control_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            for attempt in (1, 2):
-                try:
-                    with self._lock:
-                        socket.send_fds(self._ensure(), [request], [reply_theirs.fileno(), control_theirs.fileno()])
-                    return Staged(reply, control)
-                except OSError:
-                    with self._lock:
-                        self.close()
+            if self._send(request, [reply_theirs.fileno(), control_theirs.fileno()]):
+                return Staged(reply, control)
             reply.close()
             control.close()
             return None
@@ -358,6 +334,18 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 pass
             self._proc = None
+
+
+def _read_to_end(reply: socket.socket, timeout: float) -> str:
+    """What a launcher wrote on its reply channel, up to the channel's end."""
+    reply.settimeout(timeout)
+    chunks = []
+    while True:
+        data = reply.recv(REPLY_READ)
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")
 
 
 class Staged:
@@ -383,14 +371,7 @@ class Staged:
                 self._control.send(request)
             except OSError:
                 pass  # the launcher is gone already: its reply says why
-            self._reply.settimeout(timeout)
-            chunks = []
-            while True:
-                data = self._reply.recv(REPLY_READ)
-                if not data:
-                    break
-                chunks.append(data)
-            return b"".join(chunks).decode(errors="replace")
+            return _read_to_end(self._reply, timeout)
         finally:
             self.close()
 
