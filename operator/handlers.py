@@ -94,7 +94,6 @@ async def microvm_event(event, body, **_):
     if event["type"] == "DELETED":
         STATE.forget_vm(body["metadata"]["uid"])
         startup.DIFF_BASE.forget(body["metadata"]["uid"])
-        vms.forget(body["metadata"]["uid"])
         return
     if not (body.get("status") or {}).get("node") and not body["metadata"].get("deletionTimestamp"):
         # A VM that needs a node is placed and its create sent now: in the first cycle, kopf adds

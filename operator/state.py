@@ -18,11 +18,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mikrom import names
 from mikrom.settings import Settings
 
 from . import placement
+
+if TYPE_CHECKING:
+    from .decide import Sent
 
 GONE_REMEMBERED = 10000  # uids of deleted VMs kept to ignore late answers about them
 
@@ -106,6 +110,9 @@ class State:
         self._reservations: dict[str, Reservation] = {}
         self._delivered: dict[str, str] = {}
         self._failures: dict[str, SendFailure] = {}
+        self._sent: dict[str, Sent] = {}
+        """uid -> the create sent for a VM whose placement write has not landed yet (docs/protocol.md,
+        Dispatch); forgotten once a write landed, or with the object."""
         self._progress: dict[str, tuple[str | None, float]] = {}
         self._vm_locks: dict[str, threading.Lock] = {}
         self._seen: dict[tuple[str, str], float] = {}
@@ -171,7 +178,7 @@ class State:
             known = self._vms.pop(uid, None)
             held = self._reservations.pop(uid, None)
             self._index(uid, known, None)
-            for d in (self._delivered, self._failures, self._progress, self._vm_locks):
+            for d in (self._delivered, self._failures, self._sent, self._progress, self._vm_locks):
                 d.pop(uid, None)
             self._taken_up.discard(uid)
         if (known is not None and placement.holds(known)) or held:
@@ -365,6 +372,18 @@ class State:
             f = SendFailure(count=count, next_try=time.monotonic() + delay_for(count), task_id=task_id)
             self._failures[uid] = f
             return f
+
+    def sent(self, uid: str) -> Sent | None:
+        with self._lock:
+            return self._sent.get(uid)
+
+    def remember_sent(self, uid: str, sent: Sent) -> None:
+        with self._lock:
+            self._sent[uid] = sent
+
+    def forget_sent(self, uid: str) -> None:
+        with self._lock:
+            self._sent.pop(uid, None)
 
     def progress_at(self, uid: str) -> float:
         with self._lock:

@@ -10,8 +10,8 @@ nothing else either (the finalizer is kopf's own patch, after the handler return
 
 A new VM's create is the exception: it is sent just before its placement write, since its node's
 worker acts on it only once `status.node` names that node (it waits for the write). What was sent
-is remembered here (`SENT`) until the write lands, so a decision again after a 409 writes the same
-node and dispatch record and sends nothing; see docs/protocol.md, Dispatch.
+is remembered in the view (`STATE.sent`) until the write lands, so a decision again after a 409
+writes the same node and dispatch record and sends nothing; see docs/protocol.md, Dispatch.
 kopf's handlers, the node checks and the placement sweep all call `reconcile`; a per-VM lock
 keeps them apart.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from dataclasses import replace
 
@@ -39,30 +38,6 @@ log = logging.getLogger(__name__)
 WRITE_ATTEMPTS = 8
 
 
-class SentCreates:
-    """uid -> the create sent for a VM whose placement write has not landed yet (thread-safe; each
-    uid is touched under its VM lock). Forgotten once a write landed, or the object is gone."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sent: dict[str, Sent] = {}
-
-    def get(self, uid: str) -> Sent | None:
-        with self._lock:
-            return self._sent.get(uid)
-
-    def remember(self, uid: str, sent: Sent) -> None:
-        with self._lock:
-            self._sent[uid] = sent
-
-    def forget(self, uid: str) -> None:
-        with self._lock:
-            self._sent.pop(uid, None)
-
-
-SENT = SentCreates()
-
-
 def _view(vm: dict, retry: int, with_placement: bool) -> ClusterView:
     uid = vm["metadata"]["uid"]
     failure = STATE.failure(uid)
@@ -79,7 +54,7 @@ def _view(vm: dict, retry: int, with_placement: bool) -> ClusterView:
         retry_in=max(0.0, failure.next_try - time.monotonic()) if failure else 0.0,
         progress_at=STATE.progress_at(uid),
         retry=retry,
-        sent=SENT.get(uid),
+        sent=STATE.sent(uid),
     )
 
 
@@ -151,7 +126,7 @@ def _send_first(vm: dict, decision: Decision) -> tuple[Decision, DispatchRetry |
     failed send is resent with the same taskId once recorded) and return the decision left to write."""
     uid, node = vm["metadata"]["uid"], decision.placement.node
     body = {**vm, "status": {**(vm.get("status") or {}), "node": node}}
-    SENT.remember(uid, Sent(node, dict(decision.status_patch["dispatch"])))
+    STATE.remember_sent(uid, Sent(node, dict(decision.status_patch["dispatch"])))
     failed = None
     try:
         for msg in decision.messages:
@@ -164,12 +139,12 @@ def _send_first(vm: dict, decision: Decision) -> tuple[Decision, DispatchRetry |
 def _write(vm: dict, retry: int, flight: contextlib.ExitStack) -> tuple[Decision, dict | None, DispatchRetry | None]:
     """The decision on the newest version of `vm`, the object as its status patch left it (None:
     gone or replaced) and the failed send of a create sent before the write; a 409 Conflict reads
-    the object again and decides again (a create already sent is not sent again: `SENT`)."""
+    the object again and decides again (a create already sent is not sent again: `STATE.sent`)."""
     uid, in_flight, failed_send = vm["metadata"]["uid"], False, None
     for _ in range(WRITE_ATTEMPTS):
         decision = _decide(vm, retry)
         if not decision.status_patch:
-            SENT.forget(uid)
+            STATE.forget_sent(uid)
             return decision, vm, failed_send
         if decision.messages and not in_flight:
             in_flight = bool(flight.enter_context(dispatch.IN_FLIGHT))
@@ -186,13 +161,13 @@ def _write(vm: dict, retry: int, flight: contextlib.ExitStack) -> tuple[Decision
             continue
         except BaseException:
             # a create already sent keeps its node held: the next decision records it
-            if decision.placement is not None and SENT.get(uid) is None:
+            if decision.placement is not None and STATE.sent(uid) is None:
                 STATE.release(uid)
             raise
         if written is None:  # gone or replaced
             _gone(uid)
             return Decision(), None, None
-        SENT.forget(uid)
+        STATE.forget_sent(uid)
         return decision, written, failed_send
     raise RuntimeError(f"{vm['metadata']['namespace']}/{vm['metadata']['name']}: status kept changing under "
                        f"{WRITE_ATTEMPTS} writes")
@@ -201,13 +176,8 @@ def _write(vm: dict, retry: int, flight: contextlib.ExitStack) -> tuple[Decision
 def _gone(uid: str) -> None:
     """The object went (or a namesake replaced it): what it held goes, and what was sent for it is
     left to the worker, which drops a create whose object never names its node."""
-    SENT.forget(uid)
+    STATE.forget_sent(uid)
     STATE.release(uid)
-
-
-def forget(uid: str) -> None:
-    """The VM was deleted (its watch event)."""
-    SENT.forget(uid)
 
 
 def finalize(body: dict, retry: int = 0) -> Decision:

@@ -28,7 +28,6 @@ def cluster():
     yield
     STATE.forget_node("n1")
     STATE.forget_vm("u-sf")
-    vms.forget("u-sf")
 
 
 def new_vm(rv: str = "7", **meta) -> dict:
@@ -78,7 +77,7 @@ def test_a_new_vms_create_is_sent_before_its_placement_write(cluster, monkeypatc
     assert [s[0] for s in rec.steps] == ["send", "write"]
     (_, task_id, node), (patch,) = rec.sends()[0], rec.writes()
     assert patch["node"] == node == "n1" and patch["dispatch"]["taskId"] == task_id
-    assert vms.SENT.get("u-sf") is None  # the write landed: nothing left to remember
+    assert STATE.sent("u-sf") is None  # the write landed: nothing left to remember
 
 
 def test_a_conflict_after_the_send_writes_the_same_placement_and_sends_nothing_again(cluster, monkeypatch):
@@ -98,7 +97,7 @@ def test_a_vm_deleted_between_the_send_and_the_write_is_forgotten(cluster, monke
     rec = Recorder(monkeypatch, conflicts=1, gone=True)
     decision = vms.reconcile(new_vm(), cause="event")
     assert decision.messages == () and len(rec.sends()) == 1
-    assert vms.SENT.get("u-sf") is None and STATE.reservation("u-sf") is None
+    assert STATE.sent("u-sf") is None and STATE.reservation("u-sf") is None
 
 
 def test_a_failed_send_is_still_recorded_then_raised_for_its_retry(cluster, monkeypatch):
@@ -120,7 +119,7 @@ def test_a_write_that_fails_otherwise_keeps_the_sent_placement_for_the_next_deci
     monkeypatch.setattr(vms, "write_vm", broken)
     with pytest.raises(RuntimeError):
         vms.reconcile(new_vm(), cause="event")
-    sent = vms.SENT.get("u-sf")
+    sent = STATE.sent("u-sf")
     assert sent is not None and sent.node == "n1" and STATE.reservation("u-sf").node == "n1"
     monkeypatch.setattr(vms, "write_vm", lambda current, patch: rec.steps.append(("write", patch, "-")) or
                         {**current, "status": patch})
