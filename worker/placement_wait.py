@@ -6,6 +6,12 @@ arrive while the object names no node yet. The handover rule still holds (once t
 for the write, watching that one object from the resourceVersion it read, for at most
 `placementWaitSeconds`. The watch is the kubernetes client's blocking HTTP stream, which under the
 worker's gevent monkey-patching parks only the task's greenlet.
+
+A create of a VM the node holds nothing for does not wait idle: its preparation (address, tap,
+policy entry, images, the VMM's uid and host cgroup, the launcher forked ahead) runs meanwhile, and
+only the guarded Provisioning write, which confirms the placement, waits for it (`Pending`). Nothing
+starts and nothing is written before the placement names this node; a placement elsewhere, none
+in time, or the object gone, and what was prepared is removed again.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from kubernetes import watch
 from kubernetes.client.rest import ApiException
 
 from mikrom import kube, names
+
+from . import timing
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,34 @@ def wait_for_node(vm: dict, timeout: float) -> dict | None:
     return vm
 
 
+class NotPlacedHere(Exception):
+    """The create's VM was not placed on this node after all (placed elsewhere, on no node in
+    time, or gone): the message is dropped, and the node holds nothing for it."""
+
+
+class Pending:
+    """The placement a create on this node's queue is waiting for: `resolve` waits for it once
+    (wait_for_node) and returns the object as placed on this node, or raises NotPlacedHere."""
+
+    def __init__(self, vm: dict, node: str, timeout: float):
+        self.vm, self.node, self.timeout = vm, node, timeout
+        self._placed: dict | None = None
+
+    def resolve(self) -> dict:
+        if self._placed is None:
+            placed = wait_for_node(self.vm, self.timeout)
+            timing.mark("placed")
+            node = node_of(placed)
+            if placed is None:
+                raise NotPlacedHere("the MicroVM went while waiting for its placement")
+            if not node:
+                raise NotPlacedHere(f"no node recorded for it within placementWaitSeconds ({self.timeout:g}s)")
+            if node != self.node:
+                raise NotPlacedHere(f"placed on another node ({node})")
+            self._placed = placed
+        return self._placed
+
+
 def _watch(vm: dict, left: float) -> dict | None | bool:
     """Watch the object from `vm`'s resourceVersion until it names a node or `left` seconds pass:
     the last version seen, None when deleted, False when the watch broke off (expired version)."""
@@ -88,6 +124,8 @@ def _watch(vm: dict, left: float) -> dict | None | bool:
             if kind == "DELETED":
                 return None
             vm = obj
+            if node_of(vm):
+                timing.mark("node_seen")
             if settled(vm) or obj["metadata"].get("uid") != meta["uid"] or time.monotonic() >= deadline:
                 return vm
     except ApiException as exc:

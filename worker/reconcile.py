@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from mikrom import kube, metrics, names
 from mikrom.names import Phase, RunStrategy
 
-from . import concurrently, images, ipalloc, lease, runtime as rt, timing, vmm
+from . import concurrently, images, ipalloc, lease, placement_wait, runtime as rt, timing, vmm
 from .state import LocalVM, Observation
 from .status import ObjectChanged
 
@@ -124,15 +124,17 @@ class Reconciler:
     # ------------------------------------------------------------------------------ entry points
 
     def reconcile_locked(self, namespace: str, name: str, uid: str, lock_timeout: float,
-                         known: dict | None = None) -> str:
+                         known: dict | None = None, pending: placement_wait.Pending | None = None) -> str:
         """`reconcile` under the VM's lock; the lock file goes once nothing is left for the VM."""
         with self.ctx.locks.hold(uid, timeout=lock_timeout) as held:
             timing.mark("lock")
-            outcome = self.reconcile(namespace, name, uid, known=known)
-            held.remove = not self.runtime.local(uid).exists()
-            return outcome
+            try:
+                return self.reconcile(namespace, name, uid, known=known, pending=pending)
+            finally:
+                held.remove = not self.runtime.local(uid).exists()
 
-    def reconcile(self, namespace: str, name: str, uid: str, known: dict | None = None) -> str:
+    def reconcile(self, namespace: str, name: str, uid: str, known: dict | None = None,
+                  pending: placement_wait.Pending | None = None) -> str:
         """Make the node match MicroVM namespace/name (if it is still object `uid`).
 
         `known` is the object as the caller read it a moment ago (a task checking its message), so
@@ -140,8 +142,15 @@ class Reconciler:
         each action (a guarded write, see StatusWriter.report), and decided again from the fresh
         object if the object changed in between. The one action that writes nothing first,
         removing what the node holds for a VM assigned elsewhere, is never taken from `known`.
+
+        With `pending` (a create sent just before its placement was recorded; `known` is the object
+        as it was before) nothing is acted on before the placement names this node: a new VM is
+        prepared meanwhile (see _start), anything else waits for it first. NotPlacedHere, with the
+        node holding nothing for the VM, if it is not placed here after all.
         """
         vm = known
+        if pending is not None:
+            return self.reconcile_object(vm, pending)
         if vm is None or (vm.get("status") or {}).get("node") != self.ctx.node:
             vm = kube.get_vm(namespace, name)
             timing.mark("get_again")
@@ -149,11 +158,12 @@ class Reconciler:
             return "gone; removed what this node held" if self.runtime.teardown(uid) else "gone"
         return self.reconcile_object(vm)
 
-    def reconcile_object(self, vm: dict) -> str:
+    def reconcile_object(self, vm: dict, pending: placement_wait.Pending | None = None) -> str:
         for attempt in range(1, MAX_DECISIONS + 1):
             try:
-                return self._reconcile_once(vm)
+                return self._reconcile_once(vm, pending)
             except ObjectChanged as changed:
+                pending = None  # the fresh object is the placed one
                 if attempt == MAX_DECISIONS:
                     raise
                 log.info("%s/%s changed while being acted on; deciding again", changed.fresh["metadata"]["namespace"],
@@ -161,10 +171,13 @@ class Reconciler:
                 vm = changed.fresh
         raise AssertionError("unreachable")
 
-    def _reconcile_once(self, vm: dict) -> str:
+    def _reconcile_once(self, vm: dict, pending: placement_wait.Pending | None = None) -> str:
         uid = vm["metadata"]["uid"]
+        early = self._prepare_early(vm, pending)
+        if pending is not None and early is None:
+            vm = pending.resolve()  # nothing is acted on before the placement names this node
         status = vm.get("status") or {}
-        if status.get("node") != self.ctx.node:
+        if early is None and status.get("node") != self.ctx.node:
             if self.runtime.teardown(uid):
                 return f"assigned to {status.get('node') or 'no node'}; removed what this node held"
             return f"assigned to {status.get('node') or 'no node'}; nothing to do"
@@ -173,9 +186,11 @@ class Reconciler:
                 return self._delete(vm)
             local = self.runtime.local(uid)
             obs = self._record_exit(local, local.observe())
-            decision = decide(vm, obs, time.time())
-            log.info("%s/%s (%s): %s %s", vm["metadata"]["namespace"], vm["metadata"]["name"], uid,
-                     decision.action.value, decision.why)
+            decision = early or decide(vm, obs, time.time())
+            log.info("%s/%s (%s): %s %s%s", vm["metadata"]["namespace"], vm["metadata"]["name"], uid,
+                     decision.action.value, decision.why, " (prepared while its placement is recorded)" if early else "")
+            if early is not None:
+                return self._start(vm, local, obs, decision, pending=pending)
             handler = getattr(self, "_" + decision.action.value.replace("-", "_"))
             return handler(vm, local, obs, decision) or decision.action.value
         except VMGone:
@@ -183,9 +198,22 @@ class Reconciler:
             self.runtime.teardown(uid)
             return "gone; removed what this node held"
 
+    def _prepare_early(self, vm: dict, pending: placement_wait.Pending | None) -> Decision | None:
+        """With a placement still `pending`, the decision to start a VM this node holds nothing
+        for (whose preparation then runs while the placement is recorded); None for anything
+        else, which waits for the placement before it is decided."""
+        if pending is None or vm["metadata"].get("deletionTimestamp"):
+            return None
+        local = self.runtime.local(vm["metadata"]["uid"])
+        if local.exists():
+            return None
+        decision = decide(vm, local.observe(), time.time())
+        return decision if decision.action is Action.START else None
+
     # ------------------------------------------------------------------------------ actions
 
-    def _start(self, vm, local: LocalVM, obs: Observation, decision: Decision, event_reason: str | None = None):
+    def _start(self, vm, local: LocalVM, obs: Observation, decision: Decision, event_reason: str | None = None,
+               pending: placement_wait.Pending | None = None):
         """Provisioning, then the VMM, then Running once the guest is up.
 
         What the VMM needs is made at the same time: the Provisioning write (guarded: it fails if
@@ -196,13 +224,18 @@ class Reconciler:
         all succeeded (otherwise the waiting launcher exits having started nothing). A VM that
         never ran loses what the other steps made when its images fail, so a refused or corrupt
         image leaves nothing behind on the node.
+
+        With `pending` the Provisioning write first waits for the placement (the other steps go on
+        meanwhile), and is made on the object as placed, provided that it would still be started
+        as decided (ObjectChanged otherwise); not placed here, and what the other steps made is
+        removed (NotPlacedHere).
         """
         spec = vm["spec"]
         vmm_name = spec.get("vmm") or self.runtime.default_vmm()
         try:
             self.runtime.driver(vmm_name)
         except PERMANENT_ERRORS as exc:
-            return self._fail(vm, local, exc.reason, str(exc), terminal=True)
+            return self._fail(self._placed(vm, obs, pending), local, exc.reason, str(exc), terminal=True)
         configured = obs.configured
         local.update_meta(namespace=vm["metadata"]["namespace"], name=vm["metadata"]["name"], uid=local.uid,
                           vmm=vmm_name, desiredStop=False, fenced=False,
@@ -218,9 +251,9 @@ class Reconciler:
         steps = {}
         if spec.get("network"):
             steps["network"] = lambda: self._network(vm, local, vmm_name)
-        steps["provisioning"] = lambda: self._write(vm, Phase.PROVISIONING.value, "Provisioning",
-                                                    f"starting on {self.ctx.node}", {"vmm": vmm_name},
-                                                    guard=True, defer_events=deferred)
+        steps["provisioning"] = lambda: self._write(self._placed(vm, obs, pending), Phase.PROVISIONING.value,
+                                                    "Provisioning", f"starting on {self.ctx.node}",
+                                                    {"vmm": vmm_name}, guard=True, defer_events=deferred)
         steps["vmm"] = lambda: self._vmm(vmm_name, local, int(spec.get("vcpus", 1)), int(spec.get("memoryMiB", 512)))
         steps["images"] = lambda: self._images(spec, local)
         out = concurrently.run(**steps)
@@ -240,6 +273,8 @@ class Reconciler:
         """The second half of a start: once every step of the preparation has ended, the VMM
         starts if they all succeeded (the Provisioning write among them) and is waited for."""
         if "provisioning" in out.errors:
+            if isinstance(out.errors["provisioning"], placement_wait.NotPlacedHere):
+                self.runtime.teardown(local.uid)  # all of it made for this start, before the placement
             raise out.errors["provisioning"]  # gone, changed (decided again) or the API server's trouble
         vm = out.results["provisioning"]
         failed = self._prepare_failed(vm, local, out, configured, deferred)
@@ -269,14 +304,38 @@ class Reconciler:
                  local.uid, pid)
         return self._await_ready(vm, local, event_reason)
 
+    @staticmethod
+    def _placed(vm: dict, obs: Observation, pending: placement_wait.Pending | None) -> dict:
+        """The object the Provisioning write is made on: `vm`, or with `pending` the object as
+        placed on this node, if it is still to be started as `vm` was (same spec and annotations;
+        the operator's placement write and kopf's finalizer are all that came in between)."""
+        if pending is None:
+            return vm
+        placed = pending.resolve()
+        same = (placed["metadata"].get("generation") == vm["metadata"].get("generation")
+                and placed.get("spec") == vm.get("spec")
+                and (placed["metadata"].get("annotations") or {}) == (vm["metadata"].get("annotations") or {})
+                and not placed["metadata"].get("deletionTimestamp")
+                and decide(placed, obs, time.time()).action is Action.START)
+        if not same:
+            raise ObjectChanged(placed)
+        return placed
+
     def _vmm(self, vmm_name: str, local: LocalVM, vcpus: int, memory_mib: int):
-        """Strays reaped, the VMM's uid claimed and its host cgroup made (in an OS thread: /proc
-        scans and cgroupfs), then its launcher forked ahead into that cgroup (Runtime.stage_launch):
-        joining a group can wait an RCU grace period, which is then spent while the other steps
-        (the Provisioning write above all) are still going. The launcher, or None."""
-        concurrently.in_os_thread(lambda: self.runtime.prepare_vmm(vmm_name, local, vcpus, memory_mib))()
+        """The VMM's host cgroup made (in an OS thread: cgroupfs), its launcher forked ahead into
+        it (Runtime.stage_launch), then strays reaped and the VMM's uid claimed (an OS thread
+        again: /proc scans). Joining a group can wait an RCU grace period, so the launcher is
+        staged first: that wait is then spent while the rest of the start (the Provisioning write
+        above all) is still going. The launcher, or None; given up should the rest fail."""
+        concurrently.in_os_thread(lambda: self.runtime.prepare_host_cgroup(vmm_name, local, vcpus, memory_mib))()
         staged = self.runtime.stage_launch(vmm_name, local, vcpus, memory_mib)
         timing.mark("staged")
+        try:
+            concurrently.in_os_thread(lambda: self.runtime.prepare_vmm(vmm_name, local))()
+        except BaseException:
+            if staged is not None:
+                staged.close()
+            raise
         return staged
 
     def _network(self, vm, local: LocalVM, vmm_name: str) -> rt.Address:

@@ -106,18 +106,21 @@ class Runtime:
         except vmm.SandboxUnavailable as exc:
             raise vmm.VMMStartFailed(str(exc)) from exc
 
-    def prepare_vmm(self, vmm_name: str, local: LocalVM, vcpus: int, memory_mib: int) -> None:
+    def prepare_vmm(self, vmm_name: str, local: LocalVM) -> None:
         """What the launch would otherwise do first, done ahead (the driver's start repeats it,
-        finding it done): stray VMMs of this VM killed, the uid the VMM runs as claimed, its host
-        cgroup created."""
+        finding it done): stray VMMs of this VM killed and the uid the VMM runs as claimed. Its
+        host cgroup comes before, made by `prepare_host_cgroup` for the launcher staged into it."""
         self.reap_strays(local)
         timing.mark("strays")
-        driver = self.driver(vmm_name)
         try:
-            driver.vm_ids(local.dir)
+            self.driver(vmm_name).vm_ids(local.dir)
             timing.mark("vm_ids")
         except vmm.SandboxUnavailable as exc:
             raise vmm.VMMStartFailed(str(exc)) from exc
+
+    def prepare_host_cgroup(self, vmm_name: str, local: LocalVM, vcpus: int, memory_mib: int) -> None:
+        """The VM's host cgroup created (if its driver runs VMMs in one), for `stage_launch`."""
+        driver = self.driver(vmm_name)
         if driver.host_cgroup:
             try:
                 hostcgroup.create(driver.host_cgroup, local.uid, vcpus, memory_mib)
@@ -350,7 +353,7 @@ class Runtime:
         if had:
             local.remove()
         cgroups = self.driver_configs()["qemu"]["host_cgroup"]
-        if cgroups:  # one made ahead for a VM that never started (prepare_vmm); a stop removes the others
+        if cgroups:  # one made ahead for a VM that never started (prepare_host_cgroup); a stop removes the others
             hostcgroup.remove(hostcgroup.HostCgroupConfig.from_dict(cgroups), uid, timeout=0)
         # once more without the directory, under the lock of the policy sync (which reads the
         # directories), so no sync that started before the removal can leave an entry behind

@@ -88,17 +88,21 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
             app.send_task(task.name, kwargs=ref.model_dump(mode="json"), queue=names.node_queue(target))
             log.info("%s for %s/%s forwarded to %s", task.name, ref.namespace, ref.name, names.node_queue(target))
             return {"outcome": f"forwarded to {target}", "uid": ref.uid}
+        pending = None
         if intent is names.Intent.CREATE and not placement_wait.settled(vm):
-            vm, why = _placed_here(ctx, vm)
-            if why:
-                log.warning("%s for %s/%s (uid %r) dropped: %s", task.name, ref.namespace, ref.name, ref.uid, why)
-                return {"outcome": f"dropped: {why}", "uid": ref.uid}
+            # sent just before the operator records the placement: acted on only once that names
+            # this node (the reconciler prepares a new VM meanwhile, and starts nothing before)
+            pending = placement_wait.Pending(vm, ctx.node, ctx.settings.placement_wait_seconds)
         # the uid is this object's; should the object go while we wait for the lock, it is gone for
         # good (a uid never returns) and the reconciler may remove what the node holds for it. The
         # object just read is the reconciler's too (one GET per message): its first status write
         # checks that the object did not change meanwhile.
-        outcome = ctx.reconciler.reconcile_locked(ref.namespace, ref.name, ref.uid,
-                                                  lock_wait_seconds(ctx.settings), known=vm)
+        try:
+            outcome = ctx.reconciler.reconcile_locked(ref.namespace, ref.name, ref.uid,
+                                                      lock_wait_seconds(ctx.settings), known=vm, pending=pending)
+        except placement_wait.NotPlacedHere as exc:
+            log.warning("%s for %s/%s (uid %r) dropped: %s", task.name, ref.namespace, ref.name, ref.uid, exc)
+            return {"outcome": f"dropped: {exc}", "uid": ref.uid}
     except Exception as exc:
         if errors.is_transient(exc) and task.request.retries < errors.MAX_RETRIES:
             delay = errors.backoff(task.request.retries)
@@ -109,23 +113,6 @@ def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
     finally:
         timing.done(token)
     return {"outcome": outcome, "node": ctx.node, "uid": ref.uid, "intent": ref.intent}
-
-
-def _placed_here(ctx, vm: dict) -> tuple[dict | None, str]:
-    """A create on this node's queue whose MicroVM names no node yet: the operator sends it just
-    before it records the placement, so wait for that (never acting before). The object naming this
-    node, or why the message is dropped."""
-    wait = ctx.settings.placement_wait_seconds
-    placed = placement_wait.wait_for_node(vm, wait)
-    timing.mark("placed")
-    node = placement_wait.node_of(placed)
-    if placed is None:
-        return None, "the MicroVM went while waiting for its placement"
-    if not node:
-        return None, f"no node recorded for it within placementWaitSeconds ({wait:g}s)"
-    if node != ctx.node:
-        return None, f"placed on another node ({node})"
-    return placed, ""
 
 
 def _recorded(ctx, uid: str) -> dict:
