@@ -42,9 +42,34 @@ def api() -> client.ApiClient:
 
 
 def set_api(a: client.ApiClient | None) -> None:
-    global _api
+    global _api, _watch_api
     with _lock:
         _api = a
+        _watch_api = None
+
+
+_watch_api: client.ApiClient | None = None
+
+
+def watch_api() -> client.ApiClient:
+    """A second client, with a connection pool of its own, for short watches ended before the
+    server ends them: ending one closes its connection (the stream is not read to its end), which
+    on the shared pool would cost the next request a new connection and TLS handshake."""
+    global _watch_api
+    shared = api()
+    with _lock:
+        if _watch_api is None:
+            _watch_api = client.ApiClient(configuration=shared.configuration)
+        return _watch_api
+
+
+def warm_watch_connection() -> None:
+    """Leave a connected, idle connection in `watch_api`'s pool (a GET of /version, which every
+    identity may read), so the next short watch does not open one on its critical path."""
+    try:
+        client.VersionApi(watch_api()).get_code(_request_timeout=TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - only a head start: the watch connects by itself
+        log.debug("could not warm the watch connection: %s", exc)
 
 
 def custom() -> client.CustomObjectsApi:

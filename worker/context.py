@@ -79,6 +79,8 @@ class WorkerContext:
             vmmbase.prestart_fork_server()  # so that no create waits for its start
         except OSError as exc:
             log.warning("cannot start the supervisor fork server (%s); each VMM launch starts a process", exc)
+        # the first create's placement watch then finds its connection made (placement_wait.py)
+        threading.Thread(target=kube.warm_watch_connection, name="warm-watch", daemon=True).start()
         self.agent.start()
 
 

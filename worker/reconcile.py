@@ -245,16 +245,18 @@ class Reconciler:
         # the lease as it stands before the guarded write that confirms the placement: the VMM may
         # start only under it (see VMSpec.start_before), not under one renewed after a stall
         start_before = lease.deadline(self.runtime.vms_dir)
-        # in the order they start: the network first, whose address and tap commands are the
-        # longest chain, then the write, whose request is the most work for this process before it
-        # waits (the images run first, in this greenlet, and are quick)
-        steps = {}
+        # in the order they start: the launcher staged first (its cgroup join is the longest
+        # wait), the network next, whose address and tap commands are the longest chain, then the
+        # write, whose request is the most work for this process before it waits (the images run
+        # last, in this greenlet, and are quick)
+        vcpus, memory_mib = int(spec.get("vcpus", 1)), int(spec.get("memoryMiB", 512))
+        steps = {"vmm": lambda: self._vmm(vmm_name, local, vcpus, memory_mib)}
         if spec.get("network"):
             steps["network"] = lambda: self._network(vm, local, vmm_name)
         steps["provisioning"] = lambda: self._write(self._placed(vm, obs, pending), Phase.PROVISIONING.value,
                                                     "Provisioning", f"starting on {self.ctx.node}",
                                                     {"vmm": vmm_name}, guard=True, defer_events=deferred)
-        steps["vmm"] = lambda: self._vmm(vmm_name, local, int(spec.get("vcpus", 1)), int(spec.get("memoryMiB", 512)))
+        steps["claim"] = concurrently.in_os_thread(lambda: self.runtime.prepare_vmm(vmm_name, local))
         steps["images"] = lambda: self._images(spec, local)
         out = concurrently.run(**steps)
         timing.mark("prepared")
@@ -322,20 +324,13 @@ class Reconciler:
         return placed
 
     def _vmm(self, vmm_name: str, local: LocalVM, vcpus: int, memory_mib: int):
-        """The VMM's host cgroup made (in an OS thread: cgroupfs), its launcher forked ahead into
-        it (Runtime.stage_launch), then strays reaped and the VMM's uid claimed (an OS thread
-        again: /proc scans). Joining a group can wait an RCU grace period, so the launcher is
-        staged first: that wait is then spent while the rest of the start (the Provisioning write
-        above all) is still going. The launcher, or None; given up should the rest fail."""
+        """The VMM's host cgroup made (in an OS thread: cgroupfs), then its launcher forked ahead
+        into it (Runtime.stage_launch): joining a group can wait an RCU grace period, which is then
+        spent while the rest of the start (the Provisioning write above all) is still going. The
+        launcher, or None. (Strays reaped and the VMM's uid claimed are the "claim" step.)"""
         concurrently.in_os_thread(lambda: self.runtime.prepare_host_cgroup(vmm_name, local, vcpus, memory_mib))()
         staged = self.runtime.stage_launch(vmm_name, local, vcpus, memory_mib)
         timing.mark("staged")
-        try:
-            concurrently.in_os_thread(lambda: self.runtime.prepare_vmm(vmm_name, local))()
-        except BaseException:
-            if staged is not None:
-                staged.close()
-            raise
         return staged
 
     def _network(self, vm, local: LocalVM, vmm_name: str) -> rt.Address:
@@ -356,11 +351,11 @@ class Reconciler:
     def _prepare_failed(self, vm, local: LocalVM, out, configured: bool, deferred: list):
         """The outcome of a failed image, network or VMM step (as the status says it), None if all
         succeeded; raises what a retry of the task may fix."""
-        exc = out.first_error("images", "network", "vmm")
+        exc = out.first_error("images", "network", "vmm", "claim")
         if exc is None:
             return None
         self.writer.record_events(deferred)
-        if ("images" in out.errors or "vmm" in out.errors) and not configured:
+        if ("images" in out.errors or "vmm" in out.errors or "claim" in out.errors) and not configured:
             # never ran: remove the address, tap and directory the network step made meanwhile
             self.runtime.teardown(local.uid)
         if isinstance(exc, PERMANENT_ERRORS):

@@ -7,10 +7,18 @@ and `metadata.resourceVersion`: conditions are a list, which a merge patch repla
 list is recomputed from a fresh read whenever the object changed in between (HTTP 409). A write
 that would change nothing is skipped, so a level-triggered sync costs one GET per VM. Events go
 through `mikrom.kube.event`, which counts a repeated one onto the existing Event (count, lastTimestamp).
+
+A guarded write (the first of an action decided from an object read earlier) is a JSON patch
+instead (`guarded_patch`): it tests what the decision rests on, the object (uid), its spec and
+its deletion (generation: the API server bumps it when a delete begins), its node and the
+conditions it replaces, and is refused (422) if any of them changed, so the action is decided
+again. A change of metadata alone (kopf's finalizer, added just after the placement, a label)
+does not refuse it: the first write of a new VM does not wait for the finalizer nor race it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 from kubernetes.client.rest import ApiException
@@ -33,6 +41,40 @@ PHASE_EVENT = {
     Phase.STOPPED.value: "Stopped",
     Phase.SUCCEEDED.value: "Succeeded",
 }
+
+
+def _pointer(key: str) -> str:
+    return "/status/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def guarded_patch(vm: dict, patch: dict) -> list[dict]:
+    """The JSON patch (RFC 6902) of a guarded write of `patch` (status_patch's merge patch, whose
+    keys are status fields) on `vm`: its tests, then one operation per field."""
+    meta, status = vm["metadata"], vm.get("status") or {}
+    ops = [{"op": "test", "path": "/metadata/uid", "value": meta["uid"]},
+           {"op": "test", "path": "/metadata/generation", "value": meta.get("generation")},
+           {"op": "test", "path": "/status/node", "value": status.get("node")}]
+    if "conditions" in patch and "conditions" in status:
+        ops.append({"op": "test", "path": "/status/conditions", "value": status["conditions"]})
+    for key, value in patch.items():
+        if value is not None:
+            ops.append({"op": "add", "path": _pointer(key), "value": value})
+        elif key in status:
+            ops.append({"op": "remove", "path": _pointer(key)})
+    return ops
+
+
+def _refused(exc: ApiException) -> bool:
+    """A guarded write refused because the object is not as it was read: a failed test (or a
+    field to remove that is gone). The API server answers both 422 with a bare "rejected our
+    request" Status, and an invalid value 422 with its causes."""
+    if exc.status != 422:
+        return False
+    try:
+        answer = json.loads(exc.body or "{}")
+    except ValueError:
+        return False
+    return not (answer.get("details") or {}).get("causes") and "rejected our request" in str(answer.get("message"))
 
 
 def status_patch(current: dict, generation: int | None, phase: str | None, reason: str | None,
@@ -76,8 +118,9 @@ class StatusWriter:
         so that a write on a task's critical path does not wait for them.
 
         `guard`: the write is the first of an action decided from `vm`, so it also checks that the
-        object has not changed since `vm` was read (its resourceVersion). If it has, nothing is
-        written and ObjectChanged carries the fresh object, for the caller to decide again.
+        object has not changed since `vm` was read in what the decision rests on (guarded_patch).
+        If it has, nothing is written and ObjectChanged carries the fresh object, for the caller
+        to decide again.
         """
         fields = fields or {}
         for _ in range(MAX_CONFLICTS):
@@ -86,14 +129,17 @@ class StatusWriter:
             patch = status_patch(current, meta.get("generation"), phase, reason, message, fields, ready)
             if not patch and not guard:
                 return vm
-            # guarded and nothing to change: the empty patch still checks the resourceVersion
-            body = {"metadata": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}, "status": patch}
+            if guard:  # nothing to change: the tests alone still check the object
+                body, kind = guarded_patch(vm, patch), "application/json-patch+json"
+            else:
+                body = {"metadata": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}, "status": patch}
+                kind = "application/merge-patch+json"
             try:
                 updated = kube.custom().patch_namespaced_custom_object_status(
                     names.GROUP, names.VERSION, meta["namespace"], names.MICROVMS, meta["name"], body,
-                    _request_timeout=kube.TIMEOUT)
+                    _content_type=kind, _request_timeout=kube.TIMEOUT)
             except ApiException as exc:
-                if exc.status not in (404, 409):
+                if exc.status not in (404, 409) and not (guard and _refused(exc)):
                     raise
                 fresh = kube.get_vm(meta["namespace"], meta["name"])
                 if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:

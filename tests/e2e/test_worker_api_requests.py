@@ -26,6 +26,15 @@ def counting_proxy(worker_kubeconfig):
         yield proxy
 
 
+def _status_written(body) -> dict:
+    """The status fields a PATCH sets: a merge patch's `status`, or a JSON patch's add operations
+    (the worker's guarded first write of an action)."""
+    if isinstance(body, list):
+        return {op["path"].removeprefix("/status/"): op["value"] for op in body
+                if op.get("op") == "add" and op.get("path", "").startswith("/status/")}
+    return body.get("status", {})
+
+
 def _parse(ts: str) -> float:
     return dt.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
@@ -45,7 +54,7 @@ def test_a_create_reads_its_microvm_once_and_writes_provisioning_once_and_runnin
 
     def requests() -> tuple[list, list]:
         gets = counting_proxy.seen("GET", vm_path)
-        writes = [json.loads(r.body).get("status", {}) for r in counting_proxy.seen("PATCH", vm_path + "/status")]
+        writes = [_status_written(json.loads(r.body)) for r in counting_proxy.seen("PATCH", vm_path + "/status")]
         return gets, writes
 
     gets, writes = requests()

@@ -1,6 +1,7 @@
-"""The status patch the worker writes: its own fields, Ready following the phase, no empty writes."""
+"""The status patch the worker writes: its own fields, Ready following the phase, no empty writes;
+and the JSON patch of a guarded write, which tests what a decision rests on."""
 
-from mikrom.worker.status import status_patch
+from mikrom.worker.status import guarded_patch, status_patch
 
 
 def test_running_sets_ready_true_and_the_observed_generation():
@@ -39,3 +40,35 @@ def test_the_transition_time_moves_only_when_ready_flips():
     first = status_patch({}, 1, "Running", "Running", "up", {}, None)
     again = status_patch({"conditions": first["conditions"]}, 1, "Running", "Running", "up at last", {}, None)
     assert again["conditions"][0]["lastTransitionTime"] == first["conditions"][0]["lastTransitionTime"]
+
+
+def _vm(status: dict) -> dict:
+    return {"metadata": {"uid": "u-1", "generation": 4, "resourceVersion": "77"}, "status": status}
+
+
+def test_a_guarded_write_tests_the_uid_generation_node_and_the_conditions_it_replaces_not_the_resource_version():
+    conds = [{"type": "Scheduled", "status": "True"}]
+    vm = _vm({"node": "n1", "phase": "Scheduled", "conditions": conds, "pid": 5})
+    patch = status_patch(vm["status"], 4, "Provisioning", "Provisioning", "starting", {"pid": None}, None)
+    ops = guarded_patch(vm, patch)
+    tests = [op for op in ops if op["op"] == "test"]
+    assert tests == [{"op": "test", "path": "/metadata/uid", "value": "u-1"},
+                     {"op": "test", "path": "/metadata/generation", "value": 4},
+                     {"op": "test", "path": "/status/node", "value": "n1"},
+                     {"op": "test", "path": "/status/conditions", "value": conds}]
+    assert not any("resourceVersion" in op["path"] for op in ops)
+    changes = {op["path"]: (op["op"], op.get("value")) for op in ops if op["op"] != "test"}
+    assert changes["/status/phase"] == ("add", "Provisioning")
+    assert changes["/status/pid"] == ("remove", None)  # a field set to None that is there goes
+    assert changes["/status/conditions"][0] == "add"
+    assert ops[:len(tests)] == tests  # the tests come first: nothing applies unless all hold
+
+
+def test_a_guarded_write_removes_only_fields_that_are_there_and_escapes_its_pointers():
+    ops = guarded_patch(_vm({"node": "n1"}), {"pid": None, "a/b~c": 1})
+    assert {"op": "remove", "path": "/status/pid"} not in ops  # not in the status: nothing to remove
+    assert {"op": "add", "path": "/status/a~1b~0c", "value": 1} in ops
+
+
+def test_an_empty_guarded_write_is_its_tests_alone():
+    assert [op["op"] for op in guarded_patch(_vm({"node": "n1"}), {})] == ["test", "test", "test"]
