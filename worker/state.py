@@ -137,12 +137,23 @@ def dir_age_seconds(path: str | os.PathLike) -> float:
 
 # ------------------------------------------------------------------------------------ processes
 
-def _cmdline(pid: int) -> str:
+def _read_proc(path: str, size: int = 65536) -> bytes:
+    """The first `size` bytes of a /proc file, b"" if it cannot be read (the process went). Plain
+    descriptor calls: a scan reads one file per process, so no file object per read."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return ""
+        return b""
+    try:
+        return os.read(fd, size)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _cmdline(pid: int) -> str:
+    return _read_proc(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
 
 
 def vmm_processes(vms_dir: str | os.PathLike) -> dict[str, list[int]]:
@@ -153,12 +164,16 @@ def vmm_processes(vms_dir: str | os.PathLike) -> dict[str, list[int]]:
     they exit by themselves once their VMM has gone.
     """
     root = str(Path(vms_dir).resolve()) + "/"
+    marker = root.encode()
     found: dict[str, list[int]] = {}
     me = os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
-        cmd = _cmdline(int(entry))
+        raw = _read_proc(f"/proc/{entry}/cmdline")
+        if marker not in raw:  # most processes: looked at without decoding
+            continue
+        cmd = raw.replace(b"\0", b" ").decode(errors="replace")
         if root not in cmd or "consolecap" in cmd:
             continue
         uid = cmd.split(root, 1)[1].split("/", 1)[0].split()[0]

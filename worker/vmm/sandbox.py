@@ -140,14 +140,23 @@ def _live_uids() -> set[int]:
     """Real uids of every live process (a VM of another state directory, or anything else)."""
     found = set()
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if not entry.isdigit():
+            continue
+        try:  # plain descriptor calls, one per process: no file object per read
+            fd = os.open(f"/proc/{entry}/status", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            text = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        at = text.find(b"\nUid:")
+        if at >= 0:
             try:
-                with open(f"/proc/{entry}/status") as f:
-                    for line in f:
-                        if line.startswith("Uid:"):
-                            found.add(int(line.split()[1]))
-                            break
-            except (OSError, ValueError, IndexError):
+                found.add(int(text[at + 5:].split(None, 1)[0]))
+            except (ValueError, IndexError):
                 continue
     return found
 
