@@ -324,11 +324,16 @@ class Reconciler:
         return placed
 
     def _vmm(self, vmm_name: str, local: LocalVM, vcpus: int, memory_mib: int):
-        """The VMM's host cgroup made (in an OS thread: cgroupfs), then its launcher forked ahead
-        into it (Runtime.stage_launch): joining a group can wait an RCU grace period, which is then
-        spent while the rest of the start (the Provisioning write above all) is still going. The
-        launcher, or None. (Strays reaped and the VMM's uid claimed are the "claim" step.)"""
-        concurrently.in_os_thread(lambda: self.runtime.prepare_host_cgroup(vmm_name, local, vcpus, memory_mib))()
+        """The VMM's host cgroup made, then its launcher forked ahead into it (Runtime.stage_launch):
+        joining a group can wait an RCU grace period, which is then spent while the rest of the
+        start (the Provisioning write above all) is still going. The launcher, or None. (Strays
+        reaped and the VMM's uid claimed are the "claim" step.)
+
+        The group is made in this greenlet: a few milliseconds of cgroupfs calls, none of which
+        waits on a device. In an OS thread each of those calls would wait for the interpreter lock
+        again while the hub runs the other steps, which stretched them to tens of milliseconds and
+        the launcher's head start with them."""
+        self.runtime.prepare_host_cgroup(vmm_name, local, vcpus, memory_mib)
         staged = self.runtime.stage_launch(vmm_name, local, vcpus, memory_mib)
         timing.mark("staged")
         return staged
