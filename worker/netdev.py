@@ -97,12 +97,18 @@ def ensure_bridge(name: str, gateway_cidr: str, netns: str | None = None) -> Non
 
 def ensure_tap(tap: str, bridge: str, netns: str | None = None, user: int | None = None) -> None:
     """Create the tap if missing (owned by `user` when given, for a jailed Firecracker), attach it
-    to the bridge and bring it up: one look, then what is missing in one `ip -batch`."""
+    to the bridge and bring it up. A new VM's tap does not exist yet, so that is tried first, in
+    one `ip -batch` (which stops at its first error: `tuntap add` of a tap that exists); if it
+    fails, one look at the link, then what is missing in one `ip -batch`."""
     if len(tap) > 15:
         raise ValueError(f"tap name {tap!r} is longer than 15 characters")
     for what in (tap, bridge):
         if not _IFNAME.match(what):  # the batch is a text of commands: nothing but a name goes in
             raise ValueError(f"invalid interface name {what!r}")
+    owned = f" user {int(user)}" if user is not None else ""
+    new = [f"tuntap add dev {tap} mode tap{owned}", f"link set dev {tap} master {bridge}", f"link set dev {tap} up"]
+    if _ip(["-batch", "-"], netns, check=False, stdin="\n".join(new) + "\n").returncode == 0:
+        return
     link = _link(tap, netns)
     owner = (link or {}).get("linkinfo", {}).get("info_data", {}).get("user")
     if link is not None and user is not None and owner != user:
@@ -112,7 +118,7 @@ def ensure_tap(tap: str, bridge: str, netns: str | None = None, user: int | None
         link = None
     batch = []
     if link is None:
-        batch.append(f"tuntap add dev {tap} mode tap" + (f" user {int(user)}" if user is not None else ""))
+        batch.append(f"tuntap add dev {tap} mode tap{owned}")
     if link is None or link.get("master") != bridge:
         batch.append(f"link set dev {tap} master {bridge}")
     batch.append(f"link set dev {tap} up")
