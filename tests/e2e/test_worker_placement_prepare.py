@@ -15,8 +15,8 @@ import uuid
 import pytest
 from harness.procs import holds_for, wait_for
 from harness.vms import VMs, e2e_skip_reason, vmm_pids
+from harness.worker_proc import send_create
 
-from mikrom import names
 
 pytestmark = pytest.mark.skipif(e2e_skip_reason() is not None, reason=e2e_skip_reason() or "")
 
@@ -34,18 +34,16 @@ def vms(kube_api, namespace) -> VMs:
     return VMs(kube_api, namespace)
 
 
-def send_create(celery_client, worker, vm: dict):
-    m = vm["metadata"]
-    return celery_client.send_task(names.CREATE_VM, queue=names.node_queue(worker.node),
-                                   kwargs={"namespace": m["namespace"], "name": m["name"], "uid": m["uid"],
-                                           "intent": "create"})
-
-
-def prepared_and_waiting(worker, vms, name: str, uid: str, result) -> None:
-    """The node has made the VM's state directory, and holds there, with no VMM and no status."""
+def created_prepared_and_waiting(worker, vms, celery_client, name: str):
+    """MicroVM `name` created without a node and its create sent to the node, which then makes the
+    VM's state directory and holds there, with no VMM and no status: its uid and the task."""
+    vm = vms.create(name, network=False)
+    uid = vm["metadata"]["uid"]
+    result = send_create(celery_client, worker, vm)
     wait_for(lambda: (worker.vms_dir / uid).is_dir(), 20, f"the node to prepare {name} before its placement")
     holds_for(lambda: not result.ready() and not vmm_pids(worker.state_dir, uid) and not vms.status(name), 1,
               f"{name} to wait for its placement with nothing started and nothing written")
+    return uid, result
 
 
 def holds_nothing(worker, uid: str) -> bool:
@@ -54,10 +52,7 @@ def holds_nothing(worker, uid: str) -> bool:
 
 def test_a_new_vm_is_prepared_while_its_placement_is_recorded_and_started_once_it_names_the_node(
         worker, vms, celery_client):
-    vm = vms.create("early", network=False)
-    uid = vm["metadata"]["uid"]
-    result = send_create(celery_client, worker, vm)
-    prepared_and_waiting(worker, vms, "early", uid, result)
+    uid, result = created_prepared_and_waiting(worker, vms, celery_client, "early")
     vms.patch_status("early", {"node": worker.node, "phase": "Scheduled"})
     assert result.get(timeout=120)["outcome"] == "running"
     status = vms.status("early")
@@ -67,10 +62,7 @@ def test_a_new_vm_is_prepared_while_its_placement_is_recorded_and_started_once_i
 
 
 def test_a_vm_prepared_and_then_placed_on_another_node_is_dropped_leaving_nothing(worker, vms, celery_client):
-    vm = vms.create("elsewhere", network=False)
-    uid = vm["metadata"]["uid"]
-    result = send_create(celery_client, worker, vm)
-    prepared_and_waiting(worker, vms, "elsewhere", uid, result)
+    uid, result = created_prepared_and_waiting(worker, vms, celery_client, "elsewhere")
     other = "other-" + uuid.uuid4().hex[:6]
     vms.patch_status("elsewhere", {"node": other, "phase": "Scheduled"})
     assert result.get(timeout=30)["outcome"] == f"dropped: placed on another node ({other})"
@@ -79,20 +71,14 @@ def test_a_vm_prepared_and_then_placed_on_another_node_is_dropped_leaving_nothin
 
 
 def test_a_vm_prepared_and_then_deleted_while_waiting_is_dropped_leaving_nothing(worker, vms, celery_client):
-    vm = vms.create("going", network=False)
-    uid = vm["metadata"]["uid"]
-    result = send_create(celery_client, worker, vm)
-    prepared_and_waiting(worker, vms, "going", uid, result)
+    uid, result = created_prepared_and_waiting(worker, vms, celery_client, "going")
     vms.delete("going")
     assert result.get(timeout=30)["outcome"] == "dropped: the MicroVM went while waiting for its placement"
     assert holds_nothing(worker, uid)
 
 
 def test_a_vm_prepared_but_placed_nowhere_within_the_wait_is_dropped_leaving_nothing(worker, vms, celery_client):
-    vm = vms.create("unplaced", network=False)
-    uid = vm["metadata"]["uid"]
-    result = send_create(celery_client, worker, vm)
-    prepared_and_waiting(worker, vms, "unplaced", uid, result)
+    uid, result = created_prepared_and_waiting(worker, vms, celery_client, "unplaced")
     outcome = result.get(timeout=30)["outcome"]
     assert outcome == f"dropped: no node recorded for it within placementWaitSeconds ({WAIT:g}s)"
     assert holds_nothing(worker, uid)
@@ -101,10 +87,7 @@ def test_a_vm_prepared_but_placed_nowhere_within_the_wait_is_dropped_leaving_not
 
 def test_a_vm_whose_spec_changed_before_its_placement_is_decided_again_from_the_placed_object(
         worker, vms, celery_client):
-    vm = vms.create("changed", network=False)
-    uid = vm["metadata"]["uid"]
-    result = send_create(celery_client, worker, vm)
-    prepared_and_waiting(worker, vms, "changed", uid, result)
+    uid, result = created_prepared_and_waiting(worker, vms, celery_client, "changed")
     vms.patch("changed", {"spec": {"runStrategy": "Halted"}})
     vms.patch_status("changed", {"node": worker.node, "phase": "Scheduled"})
     assert result.get(timeout=30)["outcome"] == "stopped"

@@ -280,6 +280,13 @@ def make_worker(control_plane, kube_api, redis, worker_kubeconfig, artifacts_dir
         shutil.rmtree(d, ignore_errors=True)
 
 
+def send_create(app, worker: "WorkerProc", vm: dict):
+    """A create message for MicroVM `vm` on `worker`'s node queue, as the operator sends it."""
+    m = vm["metadata"]
+    return app.send_task(names.CREATE_VM, queue=names.node_queue(worker.node),
+                         kwargs={"namespace": m["namespace"], "name": m["name"], "uid": m["uid"], "intent": "create"})
+
+
 @pytest.fixture
 def celery_client(redis):
     app = client_app(redis.url(db=BROKER_DB))

@@ -15,6 +15,7 @@ import uuid
 import pytest
 from harness.microvms import MicroVMClient
 from harness.procs import holds_for
+from harness.worker_proc import send_create
 
 from mikrom import names
 
@@ -36,13 +37,6 @@ class HaltedVMs(MicroVMClient):
 @pytest.fixture
 def vms(kube_api, namespace) -> HaltedVMs:
     return HaltedVMs(kube_api, namespace)
-
-
-def send_create(celery_client, worker, vm: dict):
-    m = vm["metadata"]
-    return celery_client.send_task(names.CREATE_VM, queue=names.node_queue(worker.node),
-                                   kwargs={"namespace": m["namespace"], "name": m["name"], "uid": m["uid"],
-                                           "intent": "create"})
 
 
 def waiting(result, vms, name: str) -> bool:
