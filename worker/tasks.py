@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
-from celery import signals
+from celery import signals, states
 from pydantic import ValidationError
 
 from mikrom import kube, metrics, names
@@ -64,6 +65,43 @@ def _forward_target(ctx, task, vm: dict) -> str | None:
 
 
 def run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
+    started = _record_started(task)
+    try:
+        return _run_vm_task(task, intent, args, kwargs)
+    finally:
+        if started is not None:
+            started.join(STARTED_JOIN_SECONDS)
+            if started.is_alive():
+                log.warning("%s[%s]: the STARTED state was not stored within %.0fs", task.name, task.request.id,
+                            STARTED_JOIN_SECONDS)
+
+
+STARTED_JOIN_SECONDS = 10.0
+"""How long a VM task's end waits for its STARTED state to be stored (a few Redis timeouts)."""
+
+
+def _record_started(task) -> threading.Thread | None:
+    """Store the task's STARTED state (`pid`, `hostname`), as Celery's `task_track_started` does,
+    beside the task instead of before it: that store is a read and a write on the result backend,
+    and a VM's first steps need not wait for them. The task joins it before it returns, so its
+    own result is always stored after it and never overwritten by it."""
+    request = task.request
+    if request.is_eager or task.ignore_result or getattr(request, "ignore_result", False):
+        return None
+
+    def store():
+        try:
+            task.backend.store_result(request.id, {"pid": os.getpid(), "hostname": request.hostname},
+                                      states.STARTED, request=request)
+        except Exception as exc:  # noqa: BLE001 - a state for Flower and result.status, never the VM's
+            log.warning("%s[%s]: storing its STARTED state failed: %s", task.name, request.id, exc)
+
+    thread = threading.Thread(target=store, name=f"started-{request.id}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _run_vm_task(task, intent: names.Intent, args: tuple, kwargs: dict) -> dict:
     try:
         ref = _ref(intent, args, kwargs)
     except (ValidationError, ValueError, TypeError) as exc:
@@ -121,7 +159,9 @@ def _recorded(ctx, uid: str) -> dict:
     return local.read_meta() if local.exists() else {}
 
 
-_VM_TASK_OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=errors.MAX_RETRIES)
+# STARTED is stored by the task itself, beside its first steps (_record_started)
+_VM_TASK_OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=errors.MAX_RETRIES,
+                        track_started=False)
 
 
 @app.task(name=names.CREATE_VM, **_VM_TASK_OPTIONS)
@@ -225,6 +265,19 @@ def _log_format(logger=None, **_):
 @signals.task_postrun.connect
 def _count_task(sender=None, state=None, **_):
     metrics.TASKS.labels(getattr(sender, "name", "unknown"), state or "UNKNOWN").inc()
+
+
+@signals.worker_init.connect
+def _share_the_result_backend(sender=None, **_):
+    """One result backend (one Redis connection pool) for the whole worker.
+
+    Celery keeps the backend per thread, and under the gevent pool every task runs in a greenlet
+    of its own, which counts as a new thread: each task would build a RedisBackend (reading the
+    redis package's metadata from disk) and open a Redis connection of its own, just to store its
+    STARTED state and its result. redis-py's client is safe to share; a worker never waits on a
+    result, so the backend's result consumer, which is not, goes unused."""
+    if getattr(sender, "app", app) is app:
+        app.conf.result_backend_thread_safe = True
 
 
 @signals.worker_ready.connect

@@ -142,6 +142,51 @@ def test_retry_policy_delivers_on_a_reachable_broker(node_worker, celery_client,
     assert result.get(timeout=60)["outcome"].startswith("dropped")
 
 
+def test_a_vm_tasks_status_reads_started_while_it_runs_and_success_once_done_never_started_after(
+        node_worker, kube_api, namespace, celery_client):
+    # the guide's `result.status`: PENDING, STARTED, SUCCESS (a VM task stores STARTED itself)
+    vms = Halted(kube_api, namespace)
+    uid = vms.create("tracked")["metadata"]["uid"]
+    vms.patch_status("tracked", {"node": node_worker.node, "phase": "Scheduled"})
+    lock_dir = node_worker.state_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{uid}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the task waits for the VM's lock: in flight
+        result = celery_client.send_task(names.CREATE_VM, kwargs=_ref(namespace, "tracked", uid),
+                                         queue=names.node_queue(node_worker.node))
+        wait_for(lambda: result.state == "STARTED", 30, "the task to read STARTED")
+        assert result.info["hostname"] == f"mikrom@{node_worker.node}" and result.info["pid"] > 0, result.info
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert result.get(timeout=60)["outcome"] == "stopped"
+    holds_for(lambda: _stored_state(celery_client, result.id) == "SUCCESS", 1, "the stored state to stay SUCCESS")
+
+
+def test_the_worker_stores_every_tasks_state_through_one_result_backend_not_a_connection_per_task(
+        node_worker, celery_client, namespace, redis):
+    import redis as redis_py
+
+    server = redis_py.Redis.from_url(redis.url(), socket_timeout=10)
+
+    def run(name: str) -> None:
+        result = celery_client.send_task(names.CREATE_VM, kwargs=_ref(namespace, name),
+                                         queue=names.node_queue(node_worker.node))
+        assert result.get(timeout=60)["outcome"].startswith("dropped")
+
+    run("warm")  # what the worker connects once (its result backend among them)
+    before = server.info("stats")["total_connections_received"]
+    for i in range(10):
+        run(f"one-{i}")
+    # the test's own client may connect once or twice; a backend per task would be ten or more
+    assert server.info("stats")["total_connections_received"] - before <= 3
+    server.close()
+
+
+def _stored_state(app, task_id: str) -> str | None:
+    """The state in the result backend itself (AsyncResult caches a finished one)."""
+    raw = app.backend.get(app.backend.get_key_for_task(task_id))
+    return json.loads(raw)["status"] if raw else None
+
+
 def test_retry_policy_gives_up_after_max_retries_on_an_unreachable_broker():
     from kombu.exceptions import OperationalError
 
