@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import procfs
 from .vmm import base as vmmbase
 
 _UID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -137,23 +138,8 @@ def dir_age_seconds(path: str | os.PathLike) -> float:
 
 # ------------------------------------------------------------------------------------ processes
 
-def _read_proc(path: str, size: int = 65536) -> bytes:
-    """The first `size` bytes of a /proc file, b"" if it cannot be read (the process went). Plain
-    descriptor calls: a scan reads one file per process, so no file object per read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return b""
-    try:
-        return os.read(fd, size)
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
-
-
 def _cmdline(pid: int) -> str:
-    return _read_proc(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
+    return procfs.read(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
 
 
 def vmm_processes(vms_dir: str | os.PathLike) -> dict[str, list[int]]:
@@ -170,7 +156,7 @@ def vmm_processes(vms_dir: str | os.PathLike) -> dict[str, list[int]]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
-        raw = _read_proc(f"/proc/{entry}/cmdline")
+        raw = procfs.read(f"/proc/{entry}/cmdline")
         if marker not in raw:  # most processes: looked at without decoding
             continue
         cmd = raw.replace(b"\0", b" ").decode(errors="replace")

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import procfs
+
 IDS_FILE = "sandbox.json"
 """In each VM's state directory: the uid and gid its VMM runs as."""
 LOCK_FILE = ".vm-ids.lock"
@@ -142,16 +144,7 @@ def _live_uids() -> set[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:  # plain descriptor calls, one per process: no file object per read
-            fd = os.open(f"/proc/{entry}/status", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            text = os.read(fd, 4096)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
+        text = procfs.read(f"/proc/{entry}/status", 4096)
         at = text.find(b"\nUid:")
         if at >= 0:
             try:
