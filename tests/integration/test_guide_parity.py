@@ -6,6 +6,7 @@ guide's positional arguments, and `python -m mikrom.worker|beat` for run_worker.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
@@ -76,6 +77,22 @@ def _ref(namespace: str, name: str, uid: str = "00000000-0000-0000-0000-00000000
 
 
 # ------------------------------------------------------------------------------------ inspect
+@contextlib.contextmanager
+def _create_held_at_its_lock(w, kube_api, namespace: str, celery_client, name: str):
+    """The create of a Halted VM placed on `w`'s node, sent while this holds the VM's node lock as
+    another operation on it would: the task waits for the lock, in flight, until the block ends."""
+    vms = Halted(kube_api, namespace)
+    uid = vms.create(name)["metadata"]["uid"]
+    vms.patch_status(name, {"node": w.node, "phase": "Scheduled"})
+    lock_dir = w.state_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{uid}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield celery_client.send_task(names.CREATE_VM, kwargs=_ref(namespace, name, uid),
+                                      queue=names.node_queue(w.node))
+        fcntl.flock(held, fcntl.LOCK_UN)
+
+
 def test_inspect_registered_lists_the_five_vm_tasks_and_the_four_beat_tasks(node_worker):
     registered = {line.split()[0] for line in _inspect(node_worker, "registered")}
     assert set(names.VM_TASKS) <= registered, registered
@@ -145,18 +162,9 @@ def test_retry_policy_delivers_on_a_reachable_broker(node_worker, celery_client,
 def test_a_vm_tasks_status_reads_started_while_it_runs_and_success_once_done_never_started_after(
         node_worker, kube_api, namespace, celery_client):
     # the guide's `result.status`: PENDING, STARTED, SUCCESS (a VM task stores STARTED itself)
-    vms = Halted(kube_api, namespace)
-    uid = vms.create("tracked")["metadata"]["uid"]
-    vms.patch_status("tracked", {"node": node_worker.node, "phase": "Scheduled"})
-    lock_dir = node_worker.state_dir / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{uid}.lock", "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # the task waits for the VM's lock: in flight
-        result = celery_client.send_task(names.CREATE_VM, kwargs=_ref(namespace, "tracked", uid),
-                                         queue=names.node_queue(node_worker.node))
+    with _create_held_at_its_lock(node_worker, kube_api, namespace, celery_client, "tracked") as result:
         wait_for(lambda: result.state == "STARTED", 30, "the task to read STARTED")
         assert result.info["hostname"] == f"mikrom@{node_worker.node}" and result.info["pid"] > 0, result.info
-        fcntl.flock(held, fcntl.LOCK_UN)
     assert result.get(timeout=60)["outcome"] == "stopped"
     holds_for(lambda: _stored_state(celery_client, result.id) == "SUCCESS", 1, "the stored state to stay SUCCESS")
 
@@ -299,23 +307,13 @@ def test_purge_of_a_named_node_queue_empties_it(redis):
 def test_control_shutdown_finishes_the_task_in_flight_before_exiting(make_worker, netns, kube_api, namespace,
                                                                       celery_client):
     w = make_worker(netns=netns, sync_interval_seconds=300)
-    vms = Halted(kube_api, namespace)
-    uid = vms.create("busy")["metadata"]["uid"]
-    vms.patch_status("busy", {"node": w.node, "phase": "Scheduled"})
-    # hold the VM's node lock as another operation on it would: the task waits for it, in flight
-    lock_dir = w.state_dir / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{uid}.lock", "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        result = celery_client.send_task(names.CREATE_VM, kwargs=_ref(namespace, "busy", uid),
-                                         queue=names.node_queue(w.node))
+    with _create_held_at_its_lock(w, kube_api, namespace, celery_client, "busy") as result:
         wait_for(lambda: any(t["id"] == result.id for t in _inspect(w, "active")), 30, "the task to be active")
         # a worker never replies to shutdown (it is on its way out): the command says "No nodes
         # replied" and exits 69 whatever happens; the worker's log tells
         w.celery("control", "shutdown", *_dest(w))
         w.wait_log("Got shutdown from remote", 30)
         holds_for(lambda: w.proc.alive() and not result.ready(), 2, "the worker to wait for its task")
-        fcntl.flock(held, fcntl.LOCK_UN)
     assert result.get(timeout=60)["outcome"] == "stopped"
     wait_for(lambda: not w.proc.alive(), 60, "the worker to exit")
     assert w.proc.popen.returncode == 0, w.proc.tail()

@@ -24,7 +24,8 @@ class SlowBackend:
 
 
 def _task(backend, **request):
-    req = SimpleNamespace(id="t-1", hostname="mikrom@n1", is_eager=False, ignore_result=False, **request)
+    req = SimpleNamespace(**{"id": "t-1", "hostname": "mikrom@n1", "is_eager": False, "ignore_result": False,
+                             **request})
     return SimpleNamespace(name="create_vm_task", request=req, backend=backend, ignore_result=False)
 
 
@@ -41,8 +42,5 @@ def test_a_vm_task_returns_only_once_its_started_state_is_stored_so_its_result_c
 def test_an_eager_or_result_less_task_stores_no_started_state():
     for request in ({"is_eager": True}, {"ignore_result": True}):
         backend = SlowBackend(0)
-        fields = {"is_eager": False, "ignore_result": False, **request}
-        task = _task(backend)
-        task.request.__dict__.update(fields)
-        tasks.run_vm_task(task, tasks.names.Intent.CREATE, ("positional",), {})
+        tasks.run_vm_task(_task(backend, **request), tasks.names.Intent.CREATE, ("positional",), {})
         assert backend.stored == []
