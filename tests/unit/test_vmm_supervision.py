@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -139,6 +140,49 @@ def test_a_silent_guest_raises_boot_timeout_and_keeps_running(tmp_path):
     finally:
         driver.stop(spec.state_dir, timeout=2)
 
+
+
+def test_a_supervisor_whose_starter_died_mid_launch_goes_on_draining_the_console_and_reaping_the_vmm(tmp_path):
+    """A worker killed between the VMM's start and the supervisor's report leaves a report nobody
+    reads: the VMM runs, so its supervisor must stay (console, ready marker, fence, exit status)."""
+    from mikrom.worker.vmm import consolecap
+
+    state = tmp_path / "vm"
+    state.mkdir()
+    args = consolecap._launch_args(["--state-dir", str(state), "--max-bytes", "65536",
+                                    "--ready-marker", "MIKROM-READY", "--",
+                                    "sh", "-c", "echo booting; echo MIKROM-READY; while :; do sleep 0.1; done",
+                                    f"{state.resolve()}/vmm"])  # $0 names the state dir, as for ShellDriver
+    report_r, report_w = os.pipe()
+    os.close(report_r)  # the starter is gone: every write of the report is a broken pipe
+    supervisor = os.fork()
+    if supervisor == 0:
+        code = 1
+        try:
+            code = consolecap._supervise_detached(args, report_w)
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    try:
+        wait_for(lambda: (state / "ready").exists() or (state / "exit.json").exists(), 10,
+                 "the supervisor to see the ready marker")
+        assert not (state / "exit.json").exists(), (state / "exit.json").read_text()
+        assert "MIKROM-READY" in (state / "console.log").read_text()
+        assert os.waitpid(supervisor, os.WNOHANG) == (0, 0), "the supervisor left its VMM"
+        vmm_pid = running_pid(state)
+        assert vmm_pid is not None
+        os.kill(vmm_pid, signal.SIGTERM)
+        _, status = os.waitpid(supervisor, 0)
+        supervisor = None
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert json.loads((state / "exit.json").read_text())["returncode"] == -signal.SIGTERM
+    finally:
+        if supervisor is not None:
+            pid = running_pid(state)
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+            os.kill(supervisor, signal.SIGKILL)
+            os.waitpid(supervisor, 0)
 
 def test_a_missing_binary_or_kernel_fails_the_start_cleanly(tmp_path):
     spec = make_spec(tmp_path)

@@ -475,6 +475,16 @@ def _in_use(fd: int) -> bool:
     return True
 
 
+def _report(fd: int, payload: dict) -> None:
+    """Tell the starter (the worker, through its fork server or a launcher) how the launch went.
+    A starter that is gone (a worker killed mid-launch) is not the supervisor's failure: the state
+    files (pid, run.json, exit.json) tell the next worker the same, so a broken pipe is ignored."""
+    try:
+        os.write(fd, json.dumps(payload).encode())
+    except OSError:  # BrokenPipeError above all: nobody reads the report any more
+        pass
+
+
 def supervise(args: argparse.Namespace, report_fd: int) -> int:
     args.steps["supervisor"] = time.monotonic()
     state = args.state_dir
@@ -488,16 +498,15 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
     lease = read_lease(lease_path)
     verdict, why = lease_verdict(lease, boottime(), armed=False)
     if verdict == "expired":
-        os.write(report_fd, json.dumps({"error": f"not starting the VMM: this node's fence lease is not "
-                                                 f"valid ({why})"}).encode())
+        _report(report_fd, {"error": f"not starting the VMM: this node's fence lease is not valid ({why})"})
         return 127
     late = boottime() - args.start_before if args.start_before is not None else 0.0
     if late > 0:
         # The start was decided under a lease that has run out since: the worker stalled (frozen,
         # suspended) between its decision and this launch, long enough for the VM to have been
         # rescheduled elsewhere. A lease renewed after the stall does not cover that decision.
-        os.write(report_fd, json.dumps({"error": f"not starting the VMM: the start was decided under a fence "
-                                                 f"lease that ran out {late:.1f}s ago; deciding again"}).encode())
+        _report(report_fd, {"error": f"not starting the VMM: the start was decided under a fence "
+                                     f"lease that ran out {late:.1f}s ago; deciding again"})
         return 127
     try:
         os.unlink(os.path.join(state, FENCE_FILE))  # the previous run's; this run is not fenced
@@ -508,7 +517,7 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
     try:
         enter_cgroup(args.cgroup_procs, args.cgroupns)
     except OSError as exc:
-        os.write(report_fd, json.dumps({"error": f"cannot join the VM's host cgroup: {exc}"}).encode())
+        _report(report_fd, {"error": f"cannot join the VM's host cgroup: {exc}"})
         return 127
 
     try:
@@ -519,7 +528,7 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
                 raise OSError(exc.errno, f"cannot enter network namespace {args.netns}: {exc.strerror}") from None
         passed = place_passed_fds(args.fd)
     except OSError as exc:
-        os.write(report_fd, json.dumps({"error": exc.strerror or str(exc)}).encode())
+        _report(report_fd, {"error": exc.strerror or str(exc)})
         return 127
     args.steps["fds_placed"] = time.monotonic()
     drop = {}
@@ -536,7 +545,7 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
     try:
         console = ConsoleRelay(os.path.join(state, CONSOLE_SOCKET), serial_feed)
     except OSError as exc:
-        os.write(report_fd, json.dumps({"error": f"cannot create the console socket: {exc}"}).encode())
+        _report(report_fd, {"error": f"cannot create the console socket: {exc}"})
         return 127
     started_mono = time.monotonic()
     started_wall = time.time()
@@ -547,7 +556,7 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
                                env={k: os.environ[k] for k in VMM_ENV if k in os.environ}, **drop)
     except OSError as exc:
         console.close()
-        os.write(report_fd, json.dumps({"error": f"cannot execute {args.argv[0]}: {exc}"}).encode())
+        _report(report_fd, {"error": f"cannot execute {args.argv[0]}: {exc}"})
         return 127
     os.close(write_fd)
     os.close(serial_in)
@@ -559,7 +568,9 @@ def supervise(args: argparse.Namespace, report_fd: int) -> int:
            "started_monotonic": started_mono, "argv": args.argv, "steps_monotonic": args.steps}
     write_atomic(os.path.join(state, "run.json"), json.dumps(run))
     journal(state, "start", pid=vmm.pid, supervisor_pid=os.getpid(), boottime=started_boot)
-    os.write(report_fd, json.dumps(run).encode())
+    # From here on the VMM runs and this process is all that drains its console and enforces its
+    # fence, whether or not its starter is still there to read the report.
+    _report(report_fd, run)
     os.close(report_fd)
 
     marker = args.ready_marker.encode() if args.ready_marker else b""
