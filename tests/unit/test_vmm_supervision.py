@@ -141,18 +141,17 @@ def test_a_silent_guest_raises_boot_timeout_and_keeps_running(tmp_path):
         driver.stop(spec.state_dir, timeout=2)
 
 
-
 def test_a_supervisor_whose_starter_died_mid_launch_goes_on_draining_the_console_and_reaping_the_vmm(tmp_path):
     """A worker killed between the VMM's start and the supervisor's report leaves a report nobody
     reads: the VMM runs, so its supervisor must stay (console, ready marker, fence, exit status)."""
     from mikrom.worker.vmm import consolecap
 
-    state = tmp_path / "vm"
+    spec = make_spec(tmp_path)
+    state = Path(spec.state_dir)
     state.mkdir()
+    vmm_argv = ShellDriver("echo booting; echo MIKROM-READY; while :; do sleep 0.1; done").command(spec)
     args = consolecap._launch_args(["--state-dir", str(state), "--max-bytes", "65536",
-                                    "--ready-marker", "MIKROM-READY", "--",
-                                    "sh", "-c", "echo booting; echo MIKROM-READY; while :; do sleep 0.1; done",
-                                    f"{state.resolve()}/vmm"])  # $0 names the state dir, as for ShellDriver
+                                    "--ready-marker", "MIKROM-READY", "--", *vmm_argv])
     report_r, report_w = os.pipe()
     os.close(report_r)  # the starter is gone: every write of the report is a broken pipe
     supervisor = os.fork()
@@ -183,6 +182,7 @@ def test_a_supervisor_whose_starter_died_mid_launch_goes_on_draining_the_console
                 os.kill(pid, signal.SIGKILL)
             os.kill(supervisor, signal.SIGKILL)
             os.waitpid(supervisor, 0)
+
 
 def test_a_missing_binary_or_kernel_fails_the_start_cleanly(tmp_path):
     spec = make_spec(tmp_path)
