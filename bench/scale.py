@@ -241,16 +241,18 @@ def run(args, nodes: int, full: bool, workdir: Path) -> dict:
         result["restart"] = done - started
         # a duplicate create would be sent right after the resume: give it a few seconds to show
         time.sleep(args.after_restart)
+        # every uid the node was sent a create for, the warm-up VM's among them: a duplicate is a
+        # duplicate whether or not its create was one the clients saw accepted
         counts = collections.Counter(m.kwargs["uid"] for m in worker.messages(task=names.CREATE_VM))
-        duplicated = sum(c - 1 for u, c in counts.items() if u in accepted and c > 1)
+        duplicated = sum(c - 1 for c in counts.values() if c > 1)
         result["duplicates"] = duplicated
         result["rss2"] = rss_mib(op2.proc.pid)
         print(f"\n  restart: SIGKILL, new process started {started - killed:.1f} s later; every one of the "
               f"{args.vms} VMs reconciled by it {done - started:.1f} s after its start ({done - killed:.1f} s "
               f"after the kill; {load()})")
-        print(f"    create messages: {creates_before} before the kill, "
-              f"{len(worker.messages(task=names.CREATE_VM)) - creates_before} after; uids with more than one: "
-              f"{duplicated}; new operator's RSS {result['rss2']:.1f} MiB")
+        print(f"    create messages: {creates_before} before the kill (for {len(counts)} uids; the {args.vms} "
+              f"VMs and the warm-up VM are {args.vms + 1}), {len(worker.messages(task=names.CREATE_VM)) - creates_before} after; "
+              f"uids with more than one: {duplicated}; new operator's RSS {result['rss2']:.1f} MiB")
         for o in stack.operators:
             if o.problems():
                 print(f"  {o.name} logged {len(o.problems())} tracebacks: see {o.proc.log}")
