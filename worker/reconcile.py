@@ -87,6 +87,9 @@ def decide(vm: dict, obs: Observation, now: float) -> Decision:
     if strategy == RunStrategy.HALTED.value:
         return Decision(Action.STOP if obs.running else Action.REPORT_STOPPED, why="runStrategy Halted")
     if obs.running:
+        if not obs.supervised:
+            return Decision(Action.RESTART, why="the VMM lost its supervisor (nothing drains its console or "
+                                                "enforces its fence): restarting it under a new one")
         if restart_pending:
             return Decision(Action.RESTART, why=f"{names.ANNOTATION_RESTARTED_AT} is {wanted_restart}")
         return Decision(Action.REPORT_RUNNING if obs.ready else Action.WAIT_READY)

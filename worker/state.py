@@ -47,6 +47,8 @@ class Observation:
     exit_clean: bool = False
     """It exited with status 0 and no kernel panic on the console: the guest powered off."""
     exit_at: float | None = None
+    supervised: bool = True
+    """The live VMM's supervisor is there (vmm.base.supervised); False for a VMM left without it."""
     meta: dict = field(default_factory=dict)
 
     @property
@@ -99,6 +101,8 @@ class LocalVM:
         if not obs.configured:
             return obs
         obs.pid = self.pid()
+        if obs.pid is not None:
+            obs.supervised = vmmbase.supervised(self.dir, obs.pid)
         run = _read_json(self.dir / "run.json") or {}
         ready = _read_json(self.dir / "ready")
         obs.started_at = run.get("started_at")

@@ -5,6 +5,9 @@ Mikrom give up on gevent). Real operator, real worker as root, real QEMU guests.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import threading
 import time
 
@@ -15,6 +18,7 @@ from harness.vms import e2e_skip_reason, vmm_pids
 from harness.worker_proc import broadcast_until
 
 from mikrom import names
+from mikrom.worker import vmm
 
 pytestmark = pytest.mark.skipif(e2e_skip_reason() is not None, reason=e2e_skip_reason() or "")
 
@@ -71,6 +75,35 @@ def test_a_running_vm_survives_a_worker_kill_and_the_next_worker_adopts_it(fleet
     fleet.patch("steady", {"spec": {"runStrategy": "Halted"}})
     fleet.wait_phase("steady", "Stopped", timeout=60)
     assert vmm_pids(worker.state_dir, uid) == []
+
+
+def test_a_vmm_whose_supervisor_was_killed_is_restarted_under_a_new_supervisor_by_the_next_sync(
+        fleet, make_worker, netns, guest_image_dir):
+    # a supervisor killed by hand or by the OOM killer: its VMM ran on with nothing draining its
+    # console or enforcing its fence; the node's sync (every 3 s here) gives it a new one
+    worker = make_worker(netns=netns, image_dir=guest_image_dir, sync_interval_seconds=3)
+    fleet.node = worker.node
+    fleet.create("orphaned")
+    st = fleet.wait_phase("orphaned", "Running", timeout=90, avoid=("Failed",))
+    uid = fleet.uid("orphaned")
+    state = worker.vms_dir / uid
+    run = json.loads((state / "run.json").read_text())
+    assert run["pid"] == st["pid"]
+    os.kill(run["supervisor_pid"], signal.SIGKILL)
+
+    def restarted():
+        now = fleet.status("orphaned")
+        return now if now.get("phase") == "Running" and now.get("pid") not in (None, st["pid"]) else None
+
+    again = wait_for(restarted, 120, "the VM Running again under a new VMM", interval=0.5)
+    fleet.wait_event("orphaned", "Restarted")
+    assert any("supervisor" in (e.message or "") for e in fleet.events("orphaned")), \
+        [(e.reason, e.message) for e in fleet.events("orphaned")]
+    new_run = json.loads((state / "run.json").read_text())
+    assert new_run["pid"] == again["pid"] and new_run["supervisor_pid"] != run["supervisor_pid"]
+    assert vmm.base.is_supervisor(new_run["supervisor_pid"], state.resolve())
+    assert vmm_pids(worker.state_dir, uid) == [again["pid"]], "the unsupervised VMM is gone"
+    assert ping(netns, again["ipAddress"]).returncode == 0
 
 
 def test_four_creates_cut_short_by_a_worker_kill_end_with_four_running_vms_and_four_vmms(

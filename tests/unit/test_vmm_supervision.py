@@ -184,6 +184,33 @@ def test_a_supervisor_whose_starter_died_mid_launch_goes_on_draining_the_console
             os.waitpid(supervisor, 0)
 
 
+def test_a_vmm_whose_supervisor_was_killed_is_observed_as_unsupervised_and_one_mid_launch_is_not(tmp_path):
+    from mikrom.worker.state import LocalVM
+
+    driver = ShellDriver("echo MIKROM-READY; while :; do sleep 0.1; done")
+    spec = make_spec(tmp_path)
+    pid = driver.start(spec)
+    try:
+        driver.wait_ready(spec, timeout=10)
+        local = LocalVM(tmp_path, spec.name)
+        run = json.loads((spec.state_dir / "run.json").read_text())
+        assert run["pid"] == pid
+        assert local.observe().supervised, "a VMM with its supervisor"
+
+        os.kill(run["supervisor_pid"], signal.SIGKILL)
+        wait_for(lambda: not _proc_alive(run["supervisor_pid"]), 10, "the supervisor to go")
+        obs = local.observe()
+        assert obs.pid == pid, "the VMM itself runs on"
+        assert not obs.supervised
+
+        # a launch between its pid file and its run.json: the run.json is the last run's
+        (spec.state_dir / "run.json").write_text(json.dumps({**run, "pid": pid + 1}))
+        assert local.observe().supervised
+    finally:
+        driver.stop(spec.state_dir, timeout=2)
+    assert not _proc_alive(pid)
+
+
 def test_a_missing_binary_or_kernel_fails_the_start_cleanly(tmp_path):
     spec = make_spec(tmp_path)
 

@@ -18,9 +18,9 @@ def vm(strategy="Always", phase=None, generation=1, annotation=None, **status):
     return {"metadata": meta, "spec": {"runStrategy": strategy, "vcpus": 1, "memoryMiB": 128}, "status": st}
 
 
-def running(ready=True, **meta):
+def running(ready=True, supervised=True, **meta):
     return Observation(uid="u1", exists=True, configured=True, pid=4242, ready=ready, started_at=NOW - 60,
-                       meta=meta)
+                       supervised=supervised, meta=meta)
 
 
 def exited(clean=False, at=NOW - 1, **meta):
@@ -41,6 +41,18 @@ def test_a_running_ready_vm_is_only_reported():
 
 def test_a_running_vm_that_has_not_printed_its_marker_is_waited_for():
     assert decide(vm(phase="Provisioning"), running(ready=False), NOW).action is Action.WAIT_READY
+
+
+@pytest.mark.parametrize("ready", [True, False])
+@pytest.mark.parametrize("strategy", ["Always", "RerunOnFailure", "Once"])
+def test_a_vmm_that_lost_its_supervisor_is_restarted_under_a_new_one_whatever_the_run_strategy(strategy, ready):
+    d = decide(vm(strategy, phase="Running"), running(ready=ready, supervised=False), NOW)
+    assert d.action is Action.RESTART
+    assert "supervisor" in d.why
+
+
+def test_a_halted_vm_whose_vmm_lost_its_supervisor_is_stopped():
+    assert decide(vm("Halted"), running(supervised=False), NOW).action is Action.STOP
 
 
 @pytest.mark.parametrize("obs,expected", [(running(), Action.STOP), (NOTHING_HERE, Action.REPORT_STOPPED),
