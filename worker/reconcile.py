@@ -297,6 +297,7 @@ class Reconciler:
             vmspec.start_before = start_before
             pid = self.runtime.launch(local, vmspec, vmm_name, strays_reaped=True, staged=staged)
             timing.mark("launched")
+            timing.mark_cpu("launched")
         except (vmm.VMMStartFailed, images.ImageRefused, images.ImageNotFound) as exc:
             self.writer.record_events(deferred)
             if isinstance(exc, vmm.VMMStartFailed):

@@ -8,6 +8,8 @@ signature carries it, and code run without a record marks nothing). `done()` log
 
 milliseconds since the message arrived, in the order the steps ended. `vmm_exec` is the moment
 the supervisor started the VMM (its CLOCK_MONOTONIC, which is system-wide, from run.json).
+`mark_cpu(name)` records, as `cpu_<name>`, the CPU time the whole worker process (all its threads)
+used since the message arrived: how much of a step's wall time was this process's own work.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Steps:
     def __init__(self, what: str, start: float | None = None):
         self.what = what
         self.start = time.monotonic() if start is None else start
+        self.cpu_start = time.process_time()
         self.marks: dict[str, float] = {}
 
     def mark(self, name: str, at: float | None = None) -> None:
@@ -48,6 +51,12 @@ def mark(name: str, at: float | None = None) -> None:
     steps = _current.get()
     if steps is not None:
         steps.mark(name, at)
+
+
+def mark_cpu(name: str) -> None:
+    steps = _current.get()
+    if steps is not None:
+        steps.marks.setdefault(f"cpu_{name}", round((time.process_time() - steps.cpu_start) * 1000, 1))
 
 
 def done(token: contextvars.Token) -> None:
