@@ -221,12 +221,13 @@ class Reconciler:
 
         What the VMM needs is made at the same time: the Provisioning write (guarded: it fails if
         the object changed since the decision was made, and the VM is decided again), the
-        address, tap and policy entry, the VMM's uid and host cgroup (with the VM's launcher
-        forked ahead into it, waiting for the launch), and the images (checked, downloaded, the
-        VM's own rootfs copied). All end before anything else happens, and the VMM starts only if
-        all succeeded (otherwise the waiting launcher exits having started nothing). A VM that
-        never ran loses what the other steps made when its images fail, so a refused or corrupt
-        image leaves nothing behind on the node.
+        address and tap, the VMM's uid and host cgroup (with the VM's launcher forked ahead into
+        it, waiting for the launch), and the images (checked, downloaded, the VM's own rootfs
+        copied). All end before anything else happens, and the VMM starts only if all succeeded
+        (otherwise the waiting launcher exits having started nothing). A VM that never ran loses
+        what the other steps made when its images fail, so a refused or corrupt image leaves
+        nothing behind on the node. The tap's policy entry is made while the VMM starts: the tap
+        drops everything until then, and the VM is Running only once it is in place.
 
         With `pending` the Provisioning write first waits for the placement (the other steps go on
         meanwhile), and is made on the object as placed, provided that it would still be started
@@ -295,7 +296,14 @@ class Reconciler:
         try:
             vmspec = self.runtime.build_spec(local, vm, out.results["images"], address)
             vmspec.start_before = start_before
-            pid = self.runtime.launch(local, vmspec, vmm_name, strays_reaped=True, staged=staged)
+            # the VM's policy entry is made while its VMM starts (Runtime.ensure_policy_entry: its
+            # tap drops everything until then); the launch runs first, in this greenlet
+            steps = {"policy": lambda: self.runtime.ensure_policy_entry(address)} if address else {}
+            steps["launch"] = lambda: self.runtime.launch(local, vmspec, vmm_name, strays_reaped=True, staged=staged)
+            started = concurrently.run(**steps)
+            if "launch" in started.errors:
+                raise started.errors["launch"]
+            pid = started.results["launch"]
             timing.mark("launched")
             timing.mark_cpu("launched")
         except (vmm.VMMStartFailed, images.ImageRefused, images.ImageNotFound) as exc:
@@ -306,6 +314,13 @@ class Reconciler:
             # the rootfs changed after it was resolved (replaced by a FIFO, a device, removed)
             return self._fail(vm, local, exc.reason, str(exc), terminal=isinstance(exc, images.ImageRefused))
         self.writer.record_events(deferred)  # the Provisioning Event, once the VMM is on its way
+        if "policy" in started.errors:
+            # a VM whose tap passes nothing is not Running: its VMM is stopped (on purpose, so not a
+            # crash) and the error goes to the task, whose retry starts it again (as a network
+            # step's error before the launch would)
+            local.update_meta(desiredStop=True)
+            self.runtime.stop(local, timeout=0)
+            raise started.errors["policy"]
         log.info("%s/%s (%s): VMM started (pid %d)", vm["metadata"]["namespace"], vm["metadata"]["name"],
                  local.uid, pid)
         return self._await_ready(vm, local, event_reason)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mikrom.settings import Settings
 
-from . import concurrently, hostcgroup, images, ipalloc, netdev, netpolicy, timing, urlguard, vmm
+from . import hostcgroup, images, ipalloc, netdev, netpolicy, timing, urlguard, vmm
 from .locks import NodeLocks
 from .state import LocalVM, valid_uid, vmm_processes
 
@@ -203,10 +203,11 @@ class Runtime:
         return address
 
     def ensure_network(self, cidr: str, address: Address, tap_owner: int | None = None) -> None:
-        """Bridge (with the gateway), NAT, the network policy and the VM's tap with its policy
-        entry (made at the same time). The bridge, NAT and policy tables are checked once per
-        process and block (about ten `ip`/`iptables`/`nft` calls; the first check also brings every
-        local VM's entry up to date); if the tap cannot join the bridge, they are checked again."""
+        """Bridge (with the gateway), NAT, the network policy's tables and the VM's tap. The bridge,
+        NAT and policy tables are checked once per process and block (about ten
+        `ip`/`iptables`/`nft` calls; the first check also brings every local VM's entry up to
+        date); if the tap cannot join the bridge, they are checked again. The VM's own policy
+        entry is `ensure_policy_entry`: until it exists the tap drops everything."""
         gw = ipalloc.gateway(cidr)
         key = (self.settings.bridge, str(gw))
         for attempt in (1, 2):
@@ -219,30 +220,26 @@ class Runtime:
                     if self.policy.enabled:
                         netpolicy.sync(self._policy_entries(), netns=self.netns, prune=True)
                 self._bridges.add(key)
-            def tap():
+            try:
                 netdev.ensure_tap(address.tap, self.settings.bridge, netns=self.netns, user=tap_owner)
                 timing.mark("tap")
-
-            steps = {"tap": tap}
-            if self.policy.enabled:
-                # at the same time as the tap: a tap of ours without its entry drops everything, and
-                # an entry without its tap matches nothing, so neither order lets anything through
-                entry = netpolicy.VMEntry(address.tap, address.mac, address.ip, address.namespace, address.name)
-
-                def policy():
-                    netpolicy.ensure_vm(entry, netns=self.netns)
-                    timing.mark("policy_entry")
-
-                steps["policy"] = policy
-            try:
-                error = concurrently.run(**steps).first_error("tap", "policy")
-                if error is not None:
-                    raise error
                 return
             except netdev.NetdevError:
                 self._bridges.discard(key)
                 if attempt == 2:
                     raise
+
+    def ensure_policy_entry(self, address: Address) -> None:
+        """The VM's network policy entry (its tap, MAC, address and namespace), if the node
+        enforces a policy. Either order with the tap is safe: a tap of ours without its entry drops
+        everything, and an entry without its tap matches nothing. So a start makes it while its
+        VMM is already booting (the guest sends nothing for a while), and Running is reported only
+        once it is in place."""
+        if not self.policy.enabled:
+            return
+        entry = netpolicy.VMEntry(address.tap, address.mac, address.ip, address.namespace, address.name)
+        netpolicy.ensure_vm(entry, netns=self.netns)
+        timing.mark("policy_entry")
 
     def _policy_entries(self) -> list[netpolicy.VMEntry]:
         """The policy entry of every local VM with an address (from its meta.json)."""
