@@ -101,9 +101,9 @@ class LocalVM:
         if not obs.configured:
             return obs
         obs.pid = self.pid()
-        if obs.pid is not None:
-            obs.supervised = vmmbase.supervised(self.dir, obs.pid)
         run = _read_json(self.dir / "run.json") or {}
+        if obs.pid is not None:
+            obs.supervised = vmmbase.supervised(self.dir, obs.pid, run)
         ready = _read_json(self.dir / "ready")
         obs.started_at = run.get("started_at")
         if ready:

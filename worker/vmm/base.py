@@ -226,13 +226,13 @@ def is_supervisor(pid: int, state: Path) -> bool:
     return cwd == str(state) and ("consolecap" in cmdline or "forkserver" in cmdline)
 
 
-def supervised(state_dir: str | os.PathLike, pid: int) -> bool:
+def supervised(state_dir: str | os.PathLike, pid: int, run: dict) -> bool:
     """Whether the running VMM `pid` of the VM in `state_dir` still has its supervisor, the one
-    process that drains its console and enforces its fence: run.json names the supervisor of the
-    run of `pid`. A run.json of another run counts as supervised: the launch is between its pid
-    file and its run.json, which its supervisor is writing."""
+    process that drains its console and enforces its fence: `run` (the state dir's run.json, as
+    the caller read it) names the supervisor of the run of `pid`. A run.json of another run counts
+    as supervised: the launch is between its pid file and its run.json, which its supervisor is
+    writing."""
     state = Path(state_dir).resolve()
-    run = _read_json(state / "run.json") or {}
     if run.get("pid") != pid:
         return True
     sup = run.get("supervisor_pid")
