@@ -166,13 +166,31 @@ class WorkerProc:
             raise failed[0]
 
     def cleanup(self) -> None:
-        """Stop the worker and every VMM process left under its state directory."""
+        """Stop the worker and every VMM process left under its state directory, and remove the
+        host cgroups of its VMs (a VM outlives its worker on purpose, so a test that ends with VMs
+        still running would leave their empty groups on this machine)."""
         self.stop()
         for pid in vmm_pids(self.state_dir):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        self._remove_host_cgroups()
+
+    def _remove_host_cgroups(self) -> None:
+        from mikrom.worker import hostcgroup
+
+        if self.env.get("MIKROM_HOST_CGROUPS", "true").lower() in ("0", "false", "no"):
+            return
+        cfg = hostcgroup.HostCgroupConfig.from_dict({
+            "root": self.env.get("MIKROM_HOST_CGROUP_ROOT", "/sys/fs/cgroup"),
+            "parent": self.env.get("MIKROM_HOST_CGROUP_PARENT", "mikrom")})
+        try:
+            uids = [entry.name for entry in self.vms_dir.iterdir() if entry.is_dir()]
+        except OSError:
+            return
+        for uid in uids:  # the supervisors exit once their VMM is gone: wait for the groups to empty
+            hostcgroup.remove(cfg, uid, timeout=10)
 
     # ------------------------------------------------------------------ tools
     def celery(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
