@@ -83,10 +83,7 @@ class Runtime:
         if s.jailer_binary:
             firecracker["jailer"] = {"binary": s.jailer_binary, "chroot_base": s.jailer_chroot_base,
                                      "cgroup_limits": s.jailer_cgroup_limits}
-        host_cgroup = None
-        if s.host_cgroups:
-            host_cgroup = {"root": s.host_cgroup_root, "parent": s.host_cgroup_parent,
-                           "memory_overhead_mib": s.host_cgroup_memory_overhead_mib}
+        host_cgroup = host_cgroup_settings(s)
         return {"qemu": {"binary": s.qemu_binary, "host_cgroup": host_cgroup},
                 "firecracker": {**firecracker, "host_cgroup": host_cgroup}}
 
@@ -349,7 +346,7 @@ class Runtime:
             netdev.delete_tap(tap, self.netns)
         if had:
             local.remove()
-        cgroups = self.driver_configs()["qemu"]["host_cgroup"]
+        cgroups = host_cgroup_settings(self.settings)
         if cgroups:  # one made ahead for a VM that never started (prepare_host_cgroup); a stop removes the others
             hostcgroup.remove(hostcgroup.HostCgroupConfig.from_dict(cgroups), uid, timeout=0)
         # once more without the directory, under the lock of the policy sync (which reads the
@@ -357,6 +354,14 @@ class Runtime:
         with self.locks.hold(NETWORK_LOCK, timeout=60):
             netpolicy.remove_vm(tap, self.netns)
         return had
+
+
+def host_cgroup_settings(s: Settings) -> dict | None:
+    """The drivers' host cgroup settings (hostcgroup.HostCgroupConfig.from_dict), None when off."""
+    if not s.host_cgroups:
+        return None
+    return {"root": s.host_cgroup_root, "parent": s.host_cgroup_parent,
+            "memory_overhead_mib": s.host_cgroup_memory_overhead_mib}
 
 
 def _read_json(path: Path) -> dict | None:

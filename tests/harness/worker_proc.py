@@ -178,13 +178,13 @@ class WorkerProc:
         self._remove_host_cgroups()
 
     def _remove_host_cgroups(self) -> None:
+        from mikrom.settings import Settings
         from mikrom.worker import hostcgroup
+        from mikrom.worker.runtime import host_cgroup_settings
 
-        if self.env.get("MIKROM_HOST_CGROUPS", "true").lower() in ("0", "false", "no"):
+        cfg = hostcgroup.HostCgroupConfig.from_dict(host_cgroup_settings(Settings.from_env(self.env)))
+        if cfg is None:
             return
-        cfg = hostcgroup.HostCgroupConfig.from_dict({
-            "root": self.env.get("MIKROM_HOST_CGROUP_ROOT", "/sys/fs/cgroup"),
-            "parent": self.env.get("MIKROM_HOST_CGROUP_PARENT", "mikrom")})
         try:
             uids = [entry.name for entry in self.vms_dir.iterdir() if entry.is_dir()]
         except OSError:
