@@ -7,13 +7,17 @@ the broadcast address; the rest are guest addresses. Pure functions.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 
 RESERVED_PER_BLOCK = 3  # network, gateway, broadcast
 
 
+@functools.lru_cache(maxsize=4096)
 def network(cidr: str) -> ipaddress.IPv4Network:
+    """The network of `cidr` (parsed once per distinct string: every placement reads each node's
+    block; networks are immutable, so one parsed object serves every caller)."""
     return ipaddress.IPv4Network(cidr, strict=False)
 
 

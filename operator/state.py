@@ -101,6 +101,11 @@ def _placement_signature(node: dict | None) -> tuple:
             bool(meta.get("deletionTimestamp")))
 
 
+def _holds_address(vm: dict) -> bool:
+    """Whether an assigned VM holds an address from its node's block (`State.addresses_on`)."""
+    return bool((vm.get("spec") or {}).get("network")) and (vm.get("status") or {}).get("phase") != "Succeeded"
+
+
 class State:
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -120,8 +125,12 @@ class State:
         self._taken_up: set[str] = set()
         self._by_node: dict[str, set[str]] = {}
         """status.node -> uids: a node's check visits its own VMs, not the cluster's."""
-        self._allocated: dict[str, tuple[int, int, int]] | None = None
-        """`allocated()` as last computed; None once a VM or a reservation changed."""
+        self._held: dict[str, tuple[int, int, int]] = {}
+        """status.node -> (vCPUs, MiB, VM count) of the assigned VMs that hold capacity there,
+        kept up to date by `_index` as VMs come, change and go (so a placement reads it without
+        walking every VM)."""
+        self._addressed: dict[str, int] = {}
+        """status.node -> how many of its VMs hold (or will hold) an address from its block."""
         """VMs a reconcile of this process has started from (`latest`): after a restart, how far
         the new process has caught up (the gauge mikrom_operator_microvms_reconciled)."""
         self.placement_lock = threading.Lock()
@@ -155,7 +164,9 @@ class State:
         return body
 
     def _index(self, uid: str, old: dict | None, new: dict | None) -> None:
-        """Keep the per-node index and the allocation cache up to date (call with the lock held)."""
+        """Keep the per-node index and the per-node totals up to date as the view's copy of a VM
+        goes from `old` to `new` (either None: it came or went); call with the lock held. The
+        view's copies are never changed in place, so `old` is what was added for the VM."""
         was = ((old or {}).get("status") or {}).get("node")
         now = ((new or {}).get("status") or {}).get("node")
         if was != now:
@@ -165,9 +176,26 @@ class State:
                     self._by_node.pop(was, None)
             if now:
                 self._by_node.setdefault(now, set()).add(uid)
-        if old is None or new is None or placement.holds(old) != placement.holds(new) or \
-                placement.shape(old) != placement.shape(new) or was != now:
-            self._allocated = None
+        for vm, sign in ((old, -1), (new, 1)):
+            if vm is None:
+                continue
+            node = (vm.get("status") or {}).get("node")
+            if not node:
+                continue
+            if placement.holds(vm):
+                cpu, mem = placement.shape(vm)
+                had = self._held.get(node, (0, 0, 0))
+                total = (had[0] + sign * cpu, had[1] + sign * mem, had[2] + sign)
+                if total[2]:
+                    self._held[node] = total
+                else:
+                    self._held.pop(node, None)
+            if _holds_address(vm):
+                count = self._addressed.get(node, 0) + sign
+                if count:
+                    self._addressed[node] = count
+                else:
+                    self._addressed.pop(node, None)
 
     def forget_vm(self, uid: str, deleted: bool = True) -> None:
         with self._lock:
@@ -301,35 +329,20 @@ class State:
 
     def allocated(self) -> dict[str, tuple[int, int, int]]:
         """node -> (vCPUs, MiB, VM count) held by assigned VMs and by reservations not yet written."""
-        out: dict[str, list[int]] = {}
         with self._lock:
-            if self._allocated is not None:
-                return dict(self._allocated)
-            for vm in self._vms.values():
-                if placement.holds(vm):
-                    cpu, mem = placement.shape(vm)
-                    acc = out.setdefault(vm["status"]["node"], [0, 0, 0])
-                    acc[0] += cpu
-                    acc[1] += mem
-                    acc[2] += 1
+            out = dict(self._held)
             for uid, r in self._reservations.items():
                 if not (self._vms.get(uid, {}).get("status") or {}).get("node"):
-                    acc = out.setdefault(r.node, [0, 0, 0])
-                    acc[0] += r.vcpus
-                    acc[1] += r.memory_mib
-                    acc[2] += 1
-            self._allocated = {k: (v[0], v[1], v[2]) for k, v in out.items()}
-            return dict(self._allocated)
+                    cpu, mem, count = out.get(r.node, (0, 0, 0))
+                    out[r.node] = (cpu + r.vcpus, mem + r.memory_mib, count + 1)
+            return out
 
     def addresses_on(self, node: str) -> int:
         """VMs on `node` that hold (or will hold) an address from its block."""
         with self._lock:
-            count = sum(1 for vm in self._vms.values()
-                        if (vm.get("status") or {}).get("node") == node and (vm.get("spec") or {}).get("network")
-                        and (vm.get("status") or {}).get("phase") != "Succeeded")
-            count += sum(1 for uid in self._reservations if self._reservations[uid].node == node
-                         and not (self._vms.get(uid, {}).get("status") or {}).get("node"))
-        return count
+            return self._addressed.get(node, 0) + sum(
+                1 for uid, r in self._reservations.items()
+                if r.node == node and not (self._vms.get(uid, {}).get("status") or {}).get("node"))
 
     def guest_addresses(self) -> list[str]:
         with self._lock:
@@ -340,12 +353,10 @@ class State:
     def reserve(self, uid: str, reservation: Reservation) -> None:
         with self._lock:
             self._reservations[uid] = reservation
-            self._allocated = None
 
     def release(self, uid: str) -> None:
         with self._lock:
-            if self._reservations.pop(uid, None) is not None:
-                self._allocated = None
+            self._reservations.pop(uid, None)
 
     def reservation(self, uid: str) -> Reservation | None:
         with self._lock:

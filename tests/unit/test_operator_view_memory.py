@@ -64,3 +64,55 @@ def test_a_nodes_vms_and_the_allocation_follow_each_change_of_placement():
     state.release("u-2")
     state.forget_vm("u-1")
     assert state.allocated() == {} and state.vms_on("n2") == []
+
+
+def test_the_per_node_totals_kept_as_vms_change_match_a_count_over_every_vm():
+    # what a placement reads (allocated, addresses_on) is kept up to date change by change instead
+    # of walking every VM; after any sequence of changes it is what walking them would give
+    import random
+
+    from mikrom.operator import placement
+    from mikrom.operator.state import Reservation
+
+    rng = random.Random(7)
+    state = State()
+    rv = 10
+    for _ in range(3000):
+        uid = f"u-{rng.randrange(40)}"
+        rv += 1
+        roll = rng.random()
+        if roll < 0.1:
+            state.forget_vm(uid, deleted=False)
+        elif roll < 0.2:
+            state.reserve(uid, Reservation(rng.choice(["n1", "n2", "n3"]), 1, 64))
+        elif roll < 0.25:
+            state.release(uid)
+        else:
+            body = _vm(uid=uid, resourceVersion=str(rv - rng.randrange(3)))  # now and then an older version
+            body["spec"].update(vcpus=rng.randrange(1, 4), memoryMiB=rng.choice([128, 256]))
+            if rng.random() < 0.5:
+                body["spec"]["network"] = {}
+            body["status"].update(node=rng.choice(["n1", "n2", "n3", None]),
+                                  phase=rng.choice(["Scheduled", "Running", "Succeeded", "Failed"]))
+            if rng.random() < 0.3:
+                body["status"]["activeShape"] = {"vcpus": 4, "memoryMiB": 512}
+            state.observe_vm(body)
+
+        vms = [state.vm(f"u-{i}") for i in range(40)]
+        vms = [vm for vm in vms if vm is not None]
+        unplaced = {u: r for u, r in state._reservations.items()
+                    if not ((state.vm(u) or {}).get("status") or {}).get("node")}
+        want: dict = {}
+        for vm in vms:
+            if placement.holds(vm):
+                cpu, mem = placement.shape(vm)
+                c, m, n = want.get(vm["status"]["node"], (0, 0, 0))
+                want[vm["status"]["node"]] = (c + cpu, m + mem, n + 1)
+        for r in unplaced.values():
+            c, m, n = want.get(r.node, (0, 0, 0))
+            want[r.node] = (c + r.vcpus, m + r.memory_mib, n + 1)
+        assert state.allocated() == want
+        for node in ("n1", "n2", "n3"):
+            addressed = sum(1 for vm in vms if (vm.get("status") or {}).get("node") == node
+                            and (vm.get("spec") or {}).get("network") and vm["status"].get("phase") != "Succeeded")
+            assert state.addresses_on(node) == addressed + sum(1 for r in unplaced.values() if r.node == node)
