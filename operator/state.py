@@ -123,6 +123,8 @@ class State:
         self._seen: dict[tuple[str, str], float] = {}
         self._gone: dict[str, None] = {}  # insertion-ordered, trimmed to GONE_REMEMBERED
         self._taken_up: set[str] = set()
+        """VMs a reconcile of this process has started from (`latest`): after a restart, how far
+        the new process has caught up (the gauge mikrom_operator_microvms_reconciled)."""
         self._by_node: dict[str, set[str]] = {}
         """status.node -> uids: a node's check visits its own VMs, not the cluster's."""
         self._held: dict[str, tuple[int, int, int]] = {}
@@ -131,8 +133,6 @@ class State:
         walking every VM)."""
         self._addressed: dict[str, int] = {}
         """status.node -> how many of its VMs hold (or will hold) an address from its block."""
-        """VMs a reconcile of this process has started from (`latest`): after a restart, how far
-        the new process has caught up (the gauge mikrom_operator_microvms_reconciled)."""
         self.placement_lock = threading.Lock()
         """Held while choosing a node and reserving it: placements are serialised."""
         self.waker: Callable[[], None] | None = None
