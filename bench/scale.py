@@ -253,7 +253,7 @@ def run(args, nodes: int, full: bool, workdir: Path) -> dict:
         print(f"    create messages: {creates_before} before the kill (for {len(counts)} uids; the {args.vms} "
               f"VMs and the warm-up VM are {args.vms + 1}), {len(worker.messages(task=names.CREATE_VM)) - creates_before} after; "
               f"uids with more than one: {duplicated}; new operator's RSS {result['rss2']:.1f} MiB")
-        for line in duplicate_causes(worker, counts, [o.proc.log for o in stack.operators]):
+        for line in duplicate_causes(worker, counts, stack.operators):
             print(f"    {line}")
         for o in stack.operators:
             if o.problems():
@@ -269,32 +269,18 @@ def run(args, nodes: int, full: bool, workdir: Path) -> dict:
         stack.close()
 
 
-
-def duplicate_causes(worker, counts: collections.Counter, logs: list[Path]) -> list[str]:
+def duplicate_causes(worker, counts: collections.Counter, operators) -> list[str]:
     """For each uid sent more than one create: its messages (task id, when received) and the
-    operator's `dispatch` log lines for it (why, attempt, task id), so a duplicate says whether the
-    operator sent twice (and why) or one send was delivered twice (one task id, one log line)."""
-    import json
-
-    dups = {uid for uid, c in counts.items() if c > 1}
-    if not dups:
-        return []
-    sends: dict[str, list[str]] = collections.defaultdict(list)
-    for path in logs:
-        for raw in path.read_text(errors="replace").splitlines():
-            if '"dispatch"' not in raw:
-                continue
-            try:
-                rec = json.loads(raw[raw.index("{"):])
-            except ValueError:
-                continue
-            if rec.get("vm_uid") in dups and rec.get("intent") == "create":
-                sends[rec["vm_uid"]].append(f"{path.stem}: why {rec.get('why')} attempt {rec.get('attempt')} "
-                                            f"task {rec.get('task_id')} at {rec.get('sent_at')}")
+    operators' `dispatch` records for it (why, attempt, task id), so a duplicate says whether the
+    operator sent twice (and why) or one send was delivered twice (one task id, one record)."""
+    dups = sorted(uid for uid, c in counts.items() if c > 1)
+    records = [(o.name, r) for o in operators for r in o.dispatches()] if dups else []
     out = []
-    for uid in sorted(dups):
+    for uid in dups:
         got = [f"task {m.headers.get('id')} at {m.received_at:.3f}" for m in worker.messages(uid=uid, task=names.CREATE_VM)]
-        out.append(f"duplicate {uid}: received {'; '.join(got)}; the operators sent: {'; '.join(sends[uid]) or 'nothing logged'}")
+        sent = [f"{name}: why {r.get('why')} attempt {r.get('attempt')} task {r.get('task_id')} at {r.get('sent_at')}"
+                for name, r in records if r.get("vm_uid") == uid and r.get("intent") == "create"]
+        out.append(f"duplicate {uid}: received {'; '.join(got)}; the operators sent: {'; '.join(sent) or 'nothing logged'}")
     return out
 
 

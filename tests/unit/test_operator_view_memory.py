@@ -100,8 +100,8 @@ def test_the_per_node_totals_kept_as_vms_change_match_a_count_over_every_vm():
 
         vms = [state.vm(f"u-{i}") for i in range(40)]
         vms = [vm for vm in vms if vm is not None]
-        unplaced = {u: r for u, r in state._reservations.items()
-                    if not ((state.vm(u) or {}).get("status") or {}).get("node")}
+        unplaced = {u: state.reservation(u) for u in (f"u-{i}" for i in range(40))
+                    if state.reservation(u) and not ((state.vm(u) or {}).get("status") or {}).get("node")}
         want: dict = {}
         for vm in vms:
             if placement.holds(vm):
