@@ -460,7 +460,9 @@ class Reconciler:
         except vmm.VMMExited as exc:
             local.update_meta(lastReason=exc.reason)
             return self._fail(vm, local, exc.reason, _first_line(exc))
-        self._running(vm, local, local.observe(), event_reason)
+        obs = local.observe()
+        timing.mark("ready_observed")
+        self._running(vm, local, obs, event_reason)
         return "running"
 
     def _running(self, vm, local: LocalVM, obs: Observation, event_reason: str | None):
@@ -476,6 +478,7 @@ class Reconciler:
             local.update_meta(lastReason=None)
         ip = f" at {address.ip}" if address else ""
         was = (vm.get("status") or {}).get("phase")
+        timing.mark("running_fields")
         self._write(vm, Phase.RUNNING.value, "Running",
                     f"running{ip} (pid {obs.pid}, booted in {obs.boot_seconds}s)", fields, event_reason=event_reason)
         timing.mark("running_write")

@@ -134,6 +134,7 @@ class StatusWriter:
             else:
                 body = {"metadata": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}, "status": patch}
                 kind = "application/merge-patch+json"
+            timing.mark(f"sending_{phase or 'status'}")
             try:
                 updated = kube.custom().patch_namespaced_custom_object_status(
                     names.GROUP, names.VERSION, meta["namespace"], names.MICROVMS, meta["name"], body,
