@@ -22,6 +22,10 @@ queue in Redis", in two phases:
   was accepted the last message arrived, and messages missing or duplicated.
 
     .venv/bin/python bench/dispatch.py [--single 60] [--gap 0.25] [--count 200] [--clients 8] [--nodes 4]
+                                       [--trace FILE]
+
+`--trace` writes each burst VM's create and message times (from the burst's first create) to a
+file, to see where in a burst the latency grows.
 
 One self-contained command (it starts and stops everything it uses); it prints the load average
 at its start and end, since other work on the machine moves every figure.
@@ -110,6 +114,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8, help="client threads creating the burst")
     parser.add_argument("--timeout", type=float, default=120, help="seconds to wait for the messages")
     parser.add_argument("--keep", action="store_true", help="keep the logs (printed path)")
+    parser.add_argument("--trace", type=Path, help="write each burst VM's times here (TSV: operator, seconds "
+                        "from the burst's first create to its create accepted and to its message)")
     args = parser.parse_args()
 
     load_at_start = os.getloadavg()
@@ -194,6 +200,8 @@ def main() -> int:
                 r95 = percentile(f["mikrom"].latencies, 0.95) / percentile(f["floor"].latencies, 0.95)
                 print(f"  ratio   mikrom/floor: p50 {r50:.2f}x, p95 {r95:.2f}x")
             bad = bad or any(x.missing or x.duplicated for x in f.values())
+        if args.trace:
+            write_trace(args.trace, worker, burst)
         print()
         print(LEFT_OUT)
         for op in ops.values():
@@ -213,6 +221,24 @@ def main() -> int:
             print(f"\nlogs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_trace(path: Path, worker, burst: dict[str, dict[str, float]]) -> None:
+    """Per burst VM, when its create was accepted and when its message arrived, from the burst's
+    first create: where in a burst the latency grows."""
+    first: dict[str, float] = {}
+    for m in worker.messages(task=names.CREATE_VM):
+        first.setdefault(m.kwargs["uid"], m.received_at)
+    lines = ["operator\taccepted_s\tmessage_s"]
+    for name, accepted in burst.items():
+        if not accepted:
+            continue
+        t0 = min(accepted.values())
+        for uid, at in sorted(accepted.items(), key=lambda kv: kv[1]):
+            got = f"{first[uid] - t0:.4f}" if uid in first else ""
+            lines.append(f"{name}\t{at - t0:.4f}\t{got}")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"\nburst trace written to {path}")
 
 
 def _load(avg: tuple[float, float, float]) -> str:
