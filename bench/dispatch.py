@@ -91,14 +91,20 @@ class Figures:
                 f"create  missing {self.missing}  duplicated {self.duplicated}")
 
 
-def figures(worker, accepted: dict[str, float]) -> Figures:
+def first_messages(worker) -> tuple[dict[str, float], collections.Counter]:
+    """Per uid, when its first create message was taken off a queue, and how many it was sent."""
     first: dict[str, float] = {}
     counts: collections.Counter = collections.Counter()
     for m in worker.messages(task=names.CREATE_VM):
-        uid = m.kwargs["uid"]
-        if uid in accepted:
-            counts[uid] += 1
-            first.setdefault(uid, m.received_at)
+        counts[m.kwargs["uid"]] += 1
+        first.setdefault(m.kwargs["uid"], m.received_at)
+    return first, counts
+
+
+def figures(worker, accepted: dict[str, float]) -> Figures:
+    first, counts = first_messages(worker)
+    first = {u: at for u, at in first.items() if u in accepted}
+    counts = collections.Counter({u: c for u, c in counts.items() if u in accepted})
     lat = [first[u] - accepted[u] for u in accepted if u in first]
     tail = (max(first.values()) - max(accepted.values())) if first else float("nan")
     return Figures(lat, sum(1 for u in accepted if u not in first), sum(c - 1 for c in counts.values()), tail)
@@ -226,9 +232,7 @@ def main() -> int:
 def write_trace(path: Path, worker, burst: dict[str, dict[str, float]]) -> None:
     """Per burst VM, when its create was accepted and when its message arrived, from the burst's
     first create: where in a burst the latency grows."""
-    first: dict[str, float] = {}
-    for m in worker.messages(task=names.CREATE_VM):
-        first.setdefault(m.kwargs["uid"], m.received_at)
+    first, _ = first_messages(worker)
     lines = ["operator\taccepted_s\tmessage_s"]
     for name, accepted in burst.items():
         if not accepted:

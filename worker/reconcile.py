@@ -478,7 +478,6 @@ class Reconciler:
             local.update_meta(lastReason=None)
         ip = f" at {address.ip}" if address else ""
         was = (vm.get("status") or {}).get("phase")
-        timing.mark("running_fields")
         self._write(vm, Phase.RUNNING.value, "Running",
                     f"running{ip} (pid {obs.pid}, booted in {obs.boot_seconds}s)", fields, event_reason=event_reason)
         timing.mark("running_write")
